@@ -1,0 +1,6 @@
+"""Graph samples, neighbour lists in DataLoader workers, and the flat AtomsBatch."""
+
+from lamm_ds.graphs.batch import AtomsBatch
+from lamm_ds.graphs.collate import GraphSample, build_sample, collate
+
+__all__ = ["AtomsBatch", "GraphSample", "build_sample", "collate"]

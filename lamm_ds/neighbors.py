@@ -1,0 +1,139 @@
+"""Periodic radius graphs with a max-neighbours cap and a deterministic tie-break.
+
+Pairs come from a compiled neighbour-list library (vesin by default, matscipy as an alternative;
+see ``bench/neighbor_lists.py`` for the measurement behind the default). We then recompute every
+distance ourselves in float64 and sort, so the result does not depend on which library found the
+pairs: for each centre ``i`` neighbours are ordered by (distance, j, shift) and the first
+``max_neighbors`` are kept.
+
+Convention used everywhere in lamm-ds: an edge ``(i, j, S)`` points from centre ``i`` to neighbour
+``j`` in the periodic image ``S`` (integer multiples of the cell rows), with vector
+``r_ij = x_j + S @ cell - x_i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BACKENDS = ("vesin", "matscipy", "brute")
+_SKIN = 1e-6  # ask the library for a slightly larger sphere, then apply the exact cutoff ourselves
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Edges of one structure: centres ``i``, neighbours ``j``, integer image shifts ``shifts`` (E, 3)."""
+
+    i: np.ndarray
+    j: np.ndarray
+    shifts: np.ndarray
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.i.shape[0])
+
+
+def _box_for_library(cell: np.ndarray, pbc: np.ndarray, positions: np.ndarray, cutoff: float) -> np.ndarray:
+    """A full-rank box: non-periodic axes whose vector is zero or degenerate get a large
+    orthogonal vector, since only periodic axes affect which pairs exist."""
+    box = np.array(cell, dtype=np.float64)
+    extent = float(np.ptp(positions, axis=0).max()) if len(positions) else 0.0
+    length = 2.0 * (extent + cutoff) + 1.0
+    for axis in range(3):
+        if pbc[axis]:
+            continue
+        others = [box[k] for k in range(3) if k != axis]
+        normal = np.cross(others[0], others[1])
+        if np.linalg.norm(normal) < 1e-8:
+            normal = np.eye(3)[axis]
+        box[axis] = normal / np.linalg.norm(normal) * length
+    if abs(np.linalg.det(box)) < 1e-10:
+        # Several non-periodic axes with zero vectors: fall back to an orthogonal box.
+        for axis in range(3):
+            if not pbc[axis]:
+                box[axis] = np.eye(3)[axis] * length
+    return box
+
+
+def _pairs_vesin(positions, cell, pbc, cutoff):
+    from vesin import NeighborList
+
+    box = _box_for_library(cell, pbc, positions, cutoff)
+    if not pbc.any():
+        box = np.zeros((3, 3))
+    nl = NeighborList(cutoff=cutoff + _SKIN, full_list=True)
+    i, j, s = nl.compute(positions, box, [bool(p) for p in pbc], quantities="ijS")
+    return i, j, s
+
+
+def _pairs_matscipy(positions, cell, pbc, cutoff):
+    from matscipy.neighbours import neighbour_list
+
+    box = _box_for_library(cell, pbc, positions, cutoff)
+    return neighbour_list("ijS", positions=positions, cell=box, pbc=pbc, cutoff=cutoff + _SKIN)
+
+
+def _pairs_brute(positions, cell, pbc, cutoff):
+    """All-images O(N^2 S) reference, used by the tests to check the libraries."""
+    positions = np.asarray(positions, dtype=np.float64)
+    ranges = []
+    if pbc.any():
+        inv = np.linalg.inv(_box_for_library(cell, pbc, positions, cutoff))
+        frac = positions @ inv
+    for axis in range(3):
+        if not pbc[axis]:
+            ranges.append([0])
+            continue
+        others = [cell[k] for k in range(3) if k != axis]
+        area = np.linalg.norm(np.cross(others[0], others[1]))
+        spacing = abs(np.linalg.det(cell)) / area  # distance between lattice planes
+        span = float(np.ptp(frac[:, axis])) if len(frac) else 0.0
+        n = int(np.ceil(cutoff / spacing + span)) + 1
+        ranges.append(range(-n, n + 1))
+    shifts = np.array(np.meshgrid(*ranges, indexing="ij")).reshape(3, -1).T
+    offsets = shifts @ cell
+    diff = positions[None, :, None, :] + offsets[None, None, :, :] - positions[:, None, None, :]
+    dist = np.linalg.norm(diff, axis=-1)
+    ii, jj, ss = np.nonzero(dist < cutoff + _SKIN)
+    keep = ~((ii == jj) & np.all(shifts[ss] == 0, axis=1))
+    return ii[keep], jj[keep], shifts[ss[keep]]
+
+
+_PAIRS = {"vesin": _pairs_vesin, "matscipy": _pairs_matscipy, "brute": _pairs_brute}
+
+
+def radius_graph(
+    positions: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray,
+    cutoff: float,
+    max_neighbors: int | None = None,
+    backend: str = "vesin",
+) -> Graph:
+    """All pairs with ``|r_ij| < cutoff`` over every periodic image, keeping at most
+    ``max_neighbors`` nearest per centre (ties broken by neighbour index, then image shift)."""
+    if backend not in _PAIRS:
+        raise ValueError(f"unknown neighbour-list backend {backend!r}; choose one of {BACKENDS}")
+    positions = np.ascontiguousarray(positions, dtype=np.float64)
+    cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    pbc = np.asarray(pbc, dtype=bool).reshape(3)
+    if len(positions) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return Graph(empty, empty, np.zeros((0, 3), dtype=np.int64))
+    i, j, s = _PAIRS[backend](positions, cell, pbc, float(cutoff))
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    s = np.asarray(s, dtype=np.int64).reshape(-1, 3)
+    dist = np.linalg.norm(positions[j] + s @ cell - positions[i], axis=1)
+    inside = dist < cutoff
+    i, j, s, dist = i[inside], j[inside], s[inside], dist[inside]
+    order = np.lexsort((s[:, 2], s[:, 1], s[:, 0], j, dist, i))
+    i, j, s = i[order], j[order], s[order]
+    if max_neighbors is not None and len(i):
+        # rank of each edge within its centre's sorted list
+        starts = np.searchsorted(i, i, side="left")
+        rank = np.arange(len(i)) - starts
+        keep = rank < max_neighbors
+        i, j, s = i[keep], j[keep], s[keep]
+    return Graph(i, j, s)
