@@ -2,5 +2,6 @@
 
 from lamm_ds.graphs.batch import AtomsBatch
 from lamm_ds.graphs.collate import GraphSample, build_sample, collate
+from lamm_ds.graphs.dataset import GraphDataset
 
-__all__ = ["AtomsBatch", "GraphSample", "build_sample", "collate"]
+__all__ = ["AtomsBatch", "GraphDataset", "GraphSample", "build_sample", "collate"]

@@ -80,7 +80,9 @@ class AtomsBatch:
         atoms = torch.cat(atom_parts) if atom_parts else torch.zeros(0, dtype=torch.long)
         old_to_new = torch.full((self.num_atoms,), -1, dtype=torch.long)
         old_to_new[atoms] = torch.arange(len(atoms))
-        edge_keep = old_to_new[self.edge_index[0]] >= 0
+        edge_graph = self.batch[self.edge_index[0]]
+        edge_parts = [torch.nonzero(edge_graph == g).flatten() for g in graphs.tolist()]
+        edge_keep = torch.cat(edge_parts) if edge_parts else torch.zeros(0, dtype=torch.long)
         return AtomsBatch(
             pos=self.pos[atoms], z=self.z[atoms],
             batch=torch.cat(new_batch) if new_batch else torch.zeros(0, dtype=torch.long),

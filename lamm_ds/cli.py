@@ -1,0 +1,132 @@
+"""The ``lamm-ds`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lamm_ds.ingest.readers import EV_PER_A3
+
+
+def _cmd_ingest(args) -> int:
+    from lamm_ds.ingest import IngestOptions, LabelKeys, ingest
+    from lamm_ds.shards import GraphSettings
+
+    opts = IngestOptions(
+        name=args.name,
+        level_of_theory=args.level_of_theory,
+        keys=LabelKeys(energy=args.energy_key, forces=args.forces_key, stress=args.stress_key,
+                       stress_unit=args.stress_unit, allow_missing=args.allow_missing_labels),
+        max_atoms=None if args.max_atoms <= 0 else args.max_atoms,
+        graph=GraphSettings(cutoff=args.cutoff, max_neighbors=args.max_neighbors, backend=args.nl_backend),
+        shard_size=args.shard_size,
+        workers=args.workers,
+        force=args.force,
+        trust_pickle=args.trust_pickle,
+        skip_invalid=args.skip_invalid,
+        progress=not args.quiet,
+    )
+    report = ingest(args.inputs, args.out, opts)
+    print(f"{report.path}: read {report.read}, wrote {report.written}, dropped {report.dropped} "
+          f"in {report.seconds:.1f} s")
+    for reason, count in sorted(report.dropped_by_reason.items()):
+        print(f"  dropped {count}: {reason} (see {report.path}/dropped.jsonl)")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from lamm_ds.shards import LmdbDataset, read_manifest
+
+    manifest = read_manifest(args.dir)
+    if args.json:
+        print(json.dumps(manifest, indent=2, sort_keys=True))
+        return 0
+    ds = LmdbDataset(args.dir)
+    lc = manifest["label_counts"]
+    print(f"{manifest['name']} ({manifest['level_of_theory']}): {len(ds)} structures, "
+          f"{manifest['num_atoms']} atoms, {len(manifest['shards'])} shard(s)")
+    print(f"  labels: energy {lc['energy']}, forces {lc['forces']}, stress {lc['stress']}, "
+          f"unlabelled {lc['unlabelled']}")
+    print(f"  atoms per structure: {ds.natoms.min()}..{ds.natoms.max()}, edges per structure: "
+          f"{ds.nedges.min()}..{ds.nedges.max()} (cutoff {manifest['graph']['cutoff']} Å, "
+          f"max_neighbors {manifest['graph']['max_neighbors']})")
+    print(f"  elements: {manifest['elements']}; dropped at ingest: {manifest['ingest']['dropped']}")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from lamm_ds.shards import LmdbDataset
+
+    for path in args.dirs:
+        ds = LmdbDataset(path)
+        ds.verify()
+        print(f"{path}: {len(ds)} records OK, checksum matches")
+    return 0
+
+
+def _cmd_make_demo(args) -> int:
+    from lamm_ds.demo import make_demo
+
+    paths = make_demo(args.out, workers=args.workers, progress=True)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lamm-ds", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="convert structures (extxyz, ASE db, fairchem LMDB, ...) to a lamm-ds dataset")
+    p.add_argument("inputs", nargs="+", help="files, directories or globs")
+    p.add_argument("--name", required=True, help="dataset name (selects its energy head in training)")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--level-of-theory", default="unknown", help="e.g. 'PBE+D3/def2-SVP'")
+    p.add_argument("--energy-key", default=None, help="info key of the energy (default: 'energy' if present)")
+    p.add_argument("--forces-key", default=None, help="per-atom array of forces (default: 'forces' if present)")
+    p.add_argument("--stress-key", default=None, help="info key of the stress (default: 'stress' if present)")
+    p.add_argument("--stress-unit", default="eV/A3", choices=sorted(EV_PER_A3), help="unit of the stored stress")
+    p.add_argument("--allow-missing-labels", action="store_true",
+                   help="store structures lacking an explicitly named label as unlabelled instead of failing")
+    p.add_argument("--max-atoms", type=int, default=300, help="drop larger structures (<=0: keep all)")
+    p.add_argument("--cutoff", type=float, default=6.0, help="cutoff for the stored edge counts (Å)")
+    p.add_argument("--max-neighbors", type=int, default=50, help="neighbour cap for the stored edge counts")
+    p.add_argument("--nl-backend", default="vesin", choices=["vesin", "matscipy"])
+    p.add_argument("--shard-size", type=int, default=100_000, help="structures per LMDB shard")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow reading pickled fairchem/OCP LMDBs (unpickling can run arbitrary code)")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="drop (and report) structures with NaN/inf values instead of failing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("info", help="print a dataset's manifest")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true", help="the manifest as JSON")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("verify", help="re-read every record and check the dataset checksum")
+    p.add_argument("dirs", nargs="+")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("make-demo", help="generate and ingest the embedded demo datasets")
+    p.add_argument("--out", default="data/demo")
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=_cmd_make_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, FileNotFoundError, KeyError) as exc:
+        print(f"lamm-ds {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Source files (extxyz, ASE db, anything ase.io reads, fairchem LMDB) -> lamm-ds datasets."""
+
+from lamm_ds.ingest.pipeline import IngestOptions, IngestReport, ingest
+from lamm_ds.ingest.readers import IngestError, LabelKeys
+
+__all__ = ["IngestError", "IngestOptions", "IngestReport", "LabelKeys", "ingest"]

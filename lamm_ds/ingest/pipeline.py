@@ -1,0 +1,190 @@
+"""``lamm-ds ingest``: source files -> one lamm-ds dataset directory, atomically."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lamm_ds.ingest.readers import IngestError, LabelKeys, expand_inputs, iter_source
+from lamm_ds.neighbors import radius_graph
+from lamm_ds.shards.dataset import LmdbDataset
+from lamm_ds.shards.format import DROPPED, DatasetWriter, GraphSettings
+from lamm_ds.structure import Structure, encode
+
+DEFAULT_MAX_ATOMS = 300
+_CHUNK = 64
+
+
+@dataclass
+class IngestOptions:
+    name: str
+    level_of_theory: str = "unknown"
+    keys: LabelKeys = field(default_factory=LabelKeys)
+    max_atoms: int | None = DEFAULT_MAX_ATOMS
+    graph: GraphSettings = field(default_factory=GraphSettings)
+    shard_size: int = 100_000
+    workers: int = 1
+    force: bool = False
+    trust_pickle: bool = False
+    skip_invalid: bool = False
+    progress: bool = True
+    verify: bool = True
+
+
+@dataclass
+class IngestReport:
+    path: str
+    read: int
+    written: int
+    dropped: int
+    dropped_by_reason: dict[str, int]
+    seconds: float
+    manifest: dict
+
+
+def _process(chunk: list[Structure], max_atoms: int | None, graph: GraphSettings, skip_invalid: bool):
+    """Validate, filter, count edges and encode a chunk (runs in worker processes)."""
+    out = []
+    for s in chunk:
+        where = f"{s.source}: structure {s.source_index}"
+        problems = s.problems()
+        if s.natoms == 0:
+            problems.append("no atoms")
+        if problems:
+            if not skip_invalid:
+                out.append(("error", f"{where}: {'; '.join(problems)} (pass --skip-invalid to drop such "
+                                     "structures and list them in the report)"))
+                return out
+            out.append(("drop", {"source": s.source, "index": s.source_index, "natoms": s.natoms,
+                                 "reason": "; ".join(problems)}))
+            continue
+        if max_atoms is not None and s.natoms > max_atoms:
+            out.append(("drop", {"source": s.source, "index": s.source_index, "natoms": s.natoms,
+                                 "reason": f"more than {max_atoms} atoms"}))
+            continue
+        g = radius_graph(s.positions, s.cell, s.pbc, graph.cutoff, graph.max_neighbors, graph.backend)
+        out.append(("ok", encode(s), s.numbers, g.num_edges, s.energy is not None, s.forces is not None,
+                    s.stress is not None))
+    return out
+
+
+def _chunks(structures: Iterable[Structure], size: int) -> Iterator[list[Structure]]:
+    it = iter(structures)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _all_structures(files: list[Path], opts: IngestOptions, counter: list[int]) -> Iterator[Structure]:
+    for f in files:
+        for s in iter_source(f, opts.keys, opts.trust_pickle):
+            counter[0] += 1
+            yield s
+
+
+def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> IngestReport:
+    """Read every input structure, drop the over-size ones (reported), write shards + manifest.
+
+    Output appears under ``out`` only when complete: everything is written to a hidden temporary
+    directory beside it and renamed at the end. Raises :class:`IngestError` on bad input.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    files = expand_inputs(inputs)
+    if not files:
+        raise IngestError("no input files given")
+    if out.exists() and not opts.force:
+        raise IngestError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.ingest-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    writer = DatasetWriter(tmp, opts.shard_size)
+    read = [0]
+    dropped: list[dict] = []
+    pool = None
+    try:
+        chunks = _chunks(_all_structures(files, opts, read), _CHUNK)
+        args = (opts.max_atoms, opts.graph, opts.skip_invalid)
+        if opts.workers > 1:
+            pool = mp.get_context("spawn").Pool(opts.workers)
+            results = pool.imap(_Worker(*args), chunks)  # imap keeps input order -> deterministic output
+        else:
+            results = (_process(c, *args) for c in chunks)
+        with tqdm(desc=f"ingest {opts.name}", unit=" structures", disable=not opts.progress,
+                  file=sys.stderr) as bar:
+            for result in results:
+                for item in result:
+                    if item[0] == "error":
+                        raise IngestError(item[1])
+                    if item[0] == "drop":
+                        dropped.append(item[1])
+                    else:
+                        writer.add(*item[1:])
+                bar.update(len(result))
+        if read[0] != writer.count + len(dropped):
+            raise RuntimeError(f"ingest lost structures: read {read[0]}, wrote {writer.count}, "
+                               f"dropped {len(dropped)}")
+        if writer.count == 0:
+            raise IngestError(f"every one of the {read[0]} input structures was dropped; nothing to write")
+        by_reason: dict[str, int] = {}
+        for d in dropped:
+            by_reason[d["reason"]] = by_reason.get(d["reason"], 0) + 1
+        with open(tmp / DROPPED, "w") as fh:
+            for d in dropped:
+                fh.write(json.dumps(d, sort_keys=True) + "\n")
+        manifest = writer.finalize({
+            "name": opts.name,
+            "level_of_theory": opts.level_of_theory,
+            "sources": [str(f) for f in files],
+            "graph": asdict(opts.graph),
+            "ingest": {"structures_read": read[0], "max_atoms": opts.max_atoms, "dropped": len(dropped),
+                       "dropped_by_reason": by_reason,
+                       "label_keys": asdict(opts.keys)},
+        })
+        if opts.verify:
+            check = LmdbDataset(tmp)
+            if len(check) != writer.count:
+                raise RuntimeError(f"{tmp}: wrote {writer.count} records but the dataset reads {len(check)}")
+            check.verify()
+            check.close()
+        _replace_dir(tmp, out)
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return IngestReport(str(out), read[0], writer.count, len(dropped), by_reason,
+                        time.perf_counter() - start, manifest)
+
+
+class _Worker:
+    """Picklable callable for the worker pool."""
+
+    def __init__(self, max_atoms, graph, skip_invalid):
+        self.args = (max_atoms, graph, skip_invalid)
+
+    def __call__(self, chunk):
+        return _process(chunk, *self.args)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

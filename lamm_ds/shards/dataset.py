@@ -1,0 +1,123 @@
+"""Read-only, fork-safe random access to a lamm-ds dataset directory."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from lamm_ds.shards.format import INDEX_ARRAYS, INDEX_DIR, SHARD_DIR, read_manifest, record_key
+from lamm_ds.structure import RecordError, Structure, decode
+
+
+class DatasetError(RuntimeError):
+    """A record is missing or corrupt; the message names the shard file and key."""
+
+
+class LmdbDataset:
+    """Structures of one dataset directory, indexed ``0 .. len-1`` across all its shards.
+
+    LMDB environments are opened lazily and re-opened in every new process (DataLoader workers
+    fork after construction; an environment must not cross a fork). The per-sample index arrays
+    (natoms, nedges, has_energy, has_forces, has_stress) are memory-mapped, never loaded.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.name: str = self.manifest["name"]
+        self.shard_size: int = int(self.manifest["shard_size"])
+        self.shard_paths = [self.path / SHARD_DIR / s for s in self.manifest["shards"]]
+        missing = [str(p) for p in self.shard_paths if not p.is_file()]
+        if missing:
+            raise DatasetError(f"{self.path}: shard file(s) missing: {', '.join(missing)}")
+        self._len = int(self.manifest["num_samples"])
+        self.index: dict[str, np.ndarray] = {}
+        for name in INDEX_ARRAYS:
+            file = self.path / INDEX_DIR / f"{name}.npy"
+            try:
+                arr = np.load(file, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise DatasetError(f"{file}: unreadable index array: {exc}") from exc
+            if arr.shape != (self._len,):
+                raise DatasetError(f"{file}: shape {arr.shape}, manifest says {self._len} samples")
+            self.index[name] = arr
+        self._envs: dict[int, lmdb.Environment] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def natoms(self) -> np.ndarray:
+        return self.index["natoms"]
+
+    @property
+    def nedges(self) -> np.ndarray:
+        return self.index["nedges"]
+
+    def _env(self, shard: int) -> lmdb.Environment:
+        if os.getpid() != self._pid:  # forked: drop the parent's handles without closing them
+            self._envs = {}
+            self._pid = os.getpid()
+        env = self._envs.get(shard)
+        if env is None:
+            path = self.shard_paths[shard]
+            try:
+                env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False,
+                                meminit=False, max_readers=1)
+            except lmdb.Error as exc:
+                raise DatasetError(f"{path}: cannot open LMDB shard (truncated or corrupt?): {exc}") from exc
+            self._envs[shard] = env
+        return env
+
+    def raw(self, index: int) -> bytes:
+        """The stored bytes of sample ``index``."""
+        if not -self._len <= index < self._len:
+            raise IndexError(f"{self.path}: index {index} out of range for {self._len} samples")
+        index %= self._len
+        shard, local = divmod(index, self.shard_size)
+        path = self.shard_paths[shard]
+        try:
+            with self._env(shard).begin(buffers=False) as txn:
+                data = txn.get(record_key(local))
+        except lmdb.Error as exc:
+            raise DatasetError(f"{path}: key {local} (sample {index}): LMDB read failed: {exc}") from exc
+        if data is None:
+            raise DatasetError(f"{path}: key {local} (sample {index}) is missing")
+        return data
+
+    def __getitem__(self, index: int) -> Structure:
+        data = self.raw(index)
+        try:
+            return decode(data)
+        except (RecordError, KeyError, ValueError, TypeError) as exc:
+            shard, local = divmod(index % self._len, self.shard_size)
+            raise DatasetError(f"{self.shard_paths[shard]}: key {local} (sample {index}) is corrupt: {exc}") from exc
+
+    def verify(self) -> None:
+        """Re-read every record and recompute the manifest checksum; raises on any mismatch."""
+        digest = hashlib.sha256()
+        for k in range(self._len):
+            data = self.raw(k)
+            self[k]  # decodes and checks the record CRC
+            digest.update(struct.pack("<QQ", k, len(data)))
+            digest.update(data)
+        for name in INDEX_ARRAYS:
+            digest.update(name.encode() + np.ascontiguousarray(self.index[name]).tobytes())
+        if "sha256:" + digest.hexdigest() != self.manifest["checksum"]:
+            raise DatasetError(f"{self.path}: checksum mismatch (data changed since ingest)")
+
+    def close(self) -> None:
+        for env in self._envs.values():
+            env.close()
+        self._envs = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_envs"] = {}  # environments never travel to another process
+        return state

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from lamm_ds.neighbors import radius_graph
+
+
+def _edges(g):
+    return sorted(zip(g.i.tolist(), g.j.tolist(), map(tuple, g.shifts.tolist())))
+
+
+def _random_system(rng, case):
+    n = int(rng.integers(1, 14))
+    cell = rng.normal(size=(3, 3)) * 0.6 + np.eye(3) * rng.uniform(1.2, 7.0)  # triclinic, often < cutoff
+    pbc = rng.random(3) < 0.6
+    if case == "nonperiodic":
+        pbc[:] = False
+    elif case == "periodic":
+        pbc[:] = True
+    pos = rng.uniform(-0.3, 1.3, size=(n, 3)) @ cell  # some atoms outside the cell
+    if case == "nonperiodic" and rng.random() < 0.5:
+        cell = np.zeros((3, 3))
+    return pos, cell, pbc, float(rng.uniform(1.0, 6.0))
+
+
+@pytest.mark.parametrize("backend", ["vesin", "matscipy"])
+@pytest.mark.parametrize("case", ["periodic", "mixed", "nonperiodic"])
+def test_matches_brute_force(backend, case):
+    rng = np.random.default_rng(hash((backend, case)) % 2**32)
+    for _ in range(40):
+        pos, cell, pbc, cutoff = _random_system(rng, case)
+        for cap in (None, 4):
+            ref = radius_graph(pos, cell, pbc, cutoff, cap, backend="brute")
+            got = radius_graph(pos, cell, pbc, cutoff, cap, backend=backend)
+            assert _edges(got) == _edges(ref)
+            # and the same order, since ordering is ours, not the library's
+            np.testing.assert_array_equal(got.i, ref.i)
+            np.testing.assert_array_equal(got.j, ref.j)
+
+
+def test_cell_smaller_than_cutoff_sees_many_images():
+    cell = np.eye(3) * 2.0
+    g = radius_graph(np.zeros((1, 3)), cell, [True] * 3, cutoff=4.5)
+    d = np.linalg.norm(g.shifts @ cell, axis=1)
+    assert (d < 4.5).all() and g.num_edges == sum(
+        1 for a in range(-3, 4) for b in range(-3, 4) for c in range(-3, 4)
+        if 0 < 2.0 * np.sqrt(a * a + b * b + c * c) < 4.5)
+
+
+def test_max_neighbors_tie_break_is_deterministic():
+    # simple cubic: 6 equidistant first neighbours; keep 4 -> chosen by (j, shift) order
+    cell = np.eye(3) * 3.0
+    g = radius_graph(np.zeros((1, 3)), cell, [True] * 3, cutoff=3.5, max_neighbors=4)
+    assert g.shifts.tolist() == [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [0, 0, 1]]
+    for backend in ("vesin", "matscipy", "brute"):
+        h = radius_graph(np.zeros((1, 3)), cell, [True] * 3, cutoff=3.5, max_neighbors=4, backend=backend)
+        np.testing.assert_array_equal(h.shifts, g.shifts)
+
+
+def test_edge_vectors_shorter_than_cutoff_and_sorted():
+    rng = np.random.default_rng(3)
+    pos = rng.uniform(0, 8, size=(30, 3))
+    cell = np.diag([8.0, 8.0, 8.0])
+    g = radius_graph(pos, cell, [True, True, False], 3.0, max_neighbors=5)
+    d = np.linalg.norm(pos[g.j] + g.shifts @ cell - pos[g.i], axis=1)
+    assert (d < 3.0).all()
+    assert np.bincount(g.i, minlength=30).max() <= 5
+    for i in range(30):
+        di = d[g.i == i]
+        assert np.all(np.diff(di) >= 0)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown neighbour-list backend"):
+        radius_graph(np.zeros((2, 3)), np.eye(3), [False] * 3, 1.0, backend="nope")
