@@ -18,6 +18,47 @@ class DatasetError(RuntimeError):
     """A record is missing or corrupt; the message names the shard file and key."""
 
 
+# One environment per shard file and process: LMDB refuses a second open of the same file in a
+# process, and an environment must not cross a fork (DataLoader workers), so handles live here,
+# keyed by path, tagged with the owning pid and the file's identity (a rewritten file is reopened).
+_ENVS: dict[str, tuple[int, tuple, lmdb.Environment]] = {}
+
+
+def _file_identity(path: Path) -> tuple:
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _open_env(path: Path) -> lmdb.Environment:
+    key = str(path)
+    try:
+        identity = _file_identity(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: shard file missing") from None
+    entry = _ENVS.get(key)
+    if entry is not None:
+        pid, ident, env = entry
+        if pid == os.getpid() and ident == identity:
+            return env
+        # Also in a forked child: closing only unmaps the child's copy (read-only, lock-free env),
+        # and LMDB refuses to reopen a path while the inherited handle is alive.
+        env.close()
+        del _ENVS[key], entry, env
+    try:
+        env = lmdb.open(key, subdir=False, readonly=True, lock=False, readahead=False, meminit=False,
+                        max_readers=1)
+    except lmdb.Error as exc:
+        raise DatasetError(f"{path}: cannot open LMDB shard (truncated or corrupt?): {exc}") from exc
+    _ENVS[key] = (os.getpid(), identity, env)
+    return env
+
+
+def _close_env(path: Path) -> None:
+    entry = _ENVS.pop(str(path), None)
+    if entry is not None:
+        entry[2].close()
+
+
 class LmdbDataset:
     """Structures of one dataset directory, indexed ``0 .. len-1`` across all its shards.
 
@@ -46,8 +87,6 @@ class LmdbDataset:
             if arr.shape != (self._len,):
                 raise DatasetError(f"{file}: shape {arr.shape}, manifest says {self._len} samples")
             self.index[name] = arr
-        self._envs: dict[int, lmdb.Environment] = {}
-        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return self._len
@@ -61,19 +100,7 @@ class LmdbDataset:
         return self.index["nedges"]
 
     def _env(self, shard: int) -> lmdb.Environment:
-        if os.getpid() != self._pid:  # forked: drop the parent's handles without closing them
-            self._envs = {}
-            self._pid = os.getpid()
-        env = self._envs.get(shard)
-        if env is None:
-            path = self.shard_paths[shard]
-            try:
-                env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False,
-                                meminit=False, max_readers=1)
-            except lmdb.Error as exc:
-                raise DatasetError(f"{path}: cannot open LMDB shard (truncated or corrupt?): {exc}") from exc
-            self._envs[shard] = env
-        return env
+        return _open_env(self.shard_paths[shard])
 
     def raw(self, index: int) -> bytes:
         """The stored bytes of sample ``index``."""
@@ -113,11 +140,5 @@ class LmdbDataset:
             raise DatasetError(f"{self.path}: checksum mismatch (data changed since ingest)")
 
     def close(self) -> None:
-        for env in self._envs.values():
-            env.close()
-        self._envs = {}
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_envs"] = {}  # environments never travel to another process
-        return state
+        for path in self.shard_paths:
+            _close_env(path)
