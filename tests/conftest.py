@@ -21,4 +21,4 @@ def demo_data(tmp_path_factory) -> dict:
     from lamm_ds.demo import DemoSizes, make_demo
 
     out = tmp_path_factory.mktemp("demo")
-    return make_demo(out, DemoSizes(metals=60, energy_only=30, molecules=60, downstream=40, downstream_test=20))
+    return make_demo(out, DemoSizes(metals=60, metals_test=20, energy_only=30, molecules=60, downstream=40, downstream_test=20))

@@ -4,6 +4,7 @@ Four datasets, written as extxyz and then through the normal ingest path:
 
 * ``demo_metals``     periodic fcc metals and alloys, bulk (strained) and (111)/(100) slabs, rattled as
                       in MD, labelled with EMT energy, forces and (bulk) stress;
+* ``demo_metals_test`` held-out cells of the same kind, for evaluation;
 * ``demo_energy``     more such cells with the energy label only;
 * ``demo_molecules``  unlabelled molecules from ``ase.collections.g2`` with conformer-like perturbations
                       (for denoising labelling);
@@ -26,12 +27,14 @@ from lamm_ds.shards import is_dataset_dir
 
 METALS = ["Al", "Ni", "Cu", "Pd", "Ag", "Pt", "Au"]
 LATTICE = {"Al": 4.05, "Ni": 3.52, "Cu": 3.61, "Pd": 3.89, "Ag": 4.09, "Pt": 3.92, "Au": 4.08}
-DEMO_SETS = ("demo_metals", "demo_energy", "demo_molecules", "demo_downstream", "demo_downstream_test")
+DEMO_SETS = ("demo_metals", "demo_metals_test", "demo_energy", "demo_molecules", "demo_downstream",
+             "demo_downstream_test")
 
 
 @dataclass
 class DemoSizes:
     metals: int = 400
+    metals_test: int = 60
     energy_only: int = 160
     molecules: int = 400
     downstream: int = 160
@@ -136,6 +139,8 @@ def make_demo(out: str | os.PathLike, sizes: DemoSizes | None = None, seed: int 
         main_elements = ["Al", "Ni", "Cu", "Ag", "Pt"]
         frames = {
             "demo_metals": _labelled_metals(sizes.metals, seed + 1, main_elements, 0.0, "energy+forces"),
+            "demo_metals_test": _labelled_metals(sizes.metals_test, seed + 6, main_elements, 0.0,
+                                                 "energy+forces"),
             "demo_energy": _labelled_metals(sizes.energy_only, seed + 2, main_elements, 0.0, "energy"),
             "demo_molecules": _molecules(sizes.molecules, seed + 3),
             "demo_downstream": _labelled_metals(sizes.downstream, seed + 4, ["Cu", "Au", "Pd"], 0.5,
