@@ -74,6 +74,62 @@ def _cmd_make_demo(args) -> int:
     return 0
 
 
+def _run_training(config_files, overrides, run_dir, max_steps, quiet) -> int:
+    from lamm_ds.engine.config import load_config
+    from lamm_ds.engine.trainer import train
+
+    if max_steps is not None:
+        overrides = [*overrides, f"max_steps={max_steps}"]
+    cfg = load_config(config_files, overrides)
+    result = train(cfg, run_dir, progress=not quiet)
+    first, last = result.history[0], result.history[-1]
+    print(f"trained {cfg.max_steps} steps: loss {first['loss']:.4f} -> {last['loss']:.4f}; "
+          f"model: {result.model_path}; TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}")
+    for name, metrics in result.evaluation.items():
+        print(f"  {name}: energy MAE {metrics['energy_mae_per_atom'] * 1000:.1f} meV/atom, "
+              f"force MAE {metrics['forces_mae'] * 1000:.1f} meV/Å")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    return _run_training(args.config, args.overrides, args.run_dir, args.max_steps, args.quiet)
+
+
+def _cmd_demo(args) -> int:
+    from lamm_ds.demo import make_demo
+
+    make_demo(args.data, progress=not args.quiet)
+    overrides = [f"data.demo_dir={args.data}", *args.overrides]
+    return _run_training([args.config], overrides, args.run_dir, args.max_steps, args.quiet)
+
+
+def _cmd_evaluate(args) -> int:
+    from lamm_ds import load_model
+    from lamm_ds.engine.evaluate import evaluate, load_structures, parity_plot
+
+    model = load_model(args.model)
+    results = {}
+    for source in args.data:
+        name, structures = load_structures(source)
+        head = args.head or (name if name in model.dataset_names else model.dataset_names[0])
+        res = evaluate(model, structures, head=head, batch_size=args.batch_size, return_predictions=True)
+        preds = res.pop("predictions")
+        res["head"] = head
+        res["source"] = str(source)
+        if args.plot_dir:
+            res["parity_plot"] = str(parity_plot(preds, f"{args.plot_dir}/parity_{name}.png", name))
+        results[name] = res
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for name, r in results.items():
+            print(f"{name} ({r['structures']} structures, head {r['head']}): "
+                  f"energy MAE {r['energy_mae'] * 1000:.2f} meV ({r['energy_mae_per_atom'] * 1000:.2f} meV/atom), "
+                  f"RMSE {r['energy_rmse'] * 1000:.2f} meV; force MAE {r['forces_mae'] * 1000:.2f} meV/Å, "
+                  f"RMSE {r['forces_rmse'] * 1000:.2f} meV/Å" + (f"; plot {r['parity_plot']}" if "parity_plot" in r else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lamm-ds", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +172,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/demo")
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=_cmd_make_demo)
+
+    p = sub.add_parser("train", help="single-process training from a config (see launch/ for DeepSpeed)")
+    p.add_argument("--config", action="append", default=[], help="YAML config (repeatable, merged in order)")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden=128")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("demo", help="generate the demo data (once) and pre-train on it")
+    p.add_argument("--data", default="data/demo")
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("evaluate", help="energy/force MAE and RMSE of an exported model, with parity plots")
+    p.add_argument("model", help="exported model file (model.safetensors)")
+    p.add_argument("data", nargs="+", help="lamm-ds dataset directories or ASE-readable files")
+    p.add_argument("--head", default=None, help="energy head to use (default: the dataset's name, else the first)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--plot-dir", default=".", help="where parity_<name>.png goes ('' for no plots)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
     return parser
 
 

@@ -1,0 +1,129 @@
+"""Typed run configuration (dataclasses, merged with YAML files and dotted overrides by OmegaConf).
+
+An unknown or misspelt key anywhere is an error naming it; values are type-checked on merge, and
+each section's own validation (``__post_init__``) runs when the config is materialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lamm_ds.denoise import DenoiseConfig
+from lamm_ds.loss import LossConfig
+from lamm_ds.model.painn import PaiNNConfig
+
+
+@dataclass
+class DatasetConfig:
+    name: str = ""
+    path: str = ""
+    head: Optional[str] = None  # evaluation only: the energy head to use (default: `name`, else the first)
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    temperature: float = 2.0            # p_k ∝ n_k^(1/T)
+    epoch_length: Optional[int] = None  # draws per epoch; default: total size of all datasets
+    batch_size: int = 16                # graphs per optimiser step (all ranks together)
+    num_workers: int = 0                # DataLoader worker processes
+    stats_samples: int = 5000           # structures per dataset used to fit references/normalisation
+    demo_dir: Optional[str] = None      # generate the embedded demo data here on first use
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    schedule: str = "cosine"            # "cosine" (to min_lr_ratio * lr) or "constant"
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 10.0             # max global gradient norm; 0 disables
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50                     # steps between checkpoints (0: only at the end)
+    keep_last: int = 3                  # older checkpoints are deleted once a newer one is complete
+
+
+@dataclass
+class FinetuneConfig:
+    init: Optional[str] = None          # exported model file or DeepSpeed checkpoint directory
+    freeze_backbone: bool = False
+    backbone_lr_ratio: float = 1.0      # backbone LR = ratio * optim.lr (heads use optim.lr)
+    head_init_from: Optional[str] = None  # warm-start new heads from this pre-trained head
+
+
+@dataclass
+class FaultConfig:
+    nan_abort_after: int = 5            # consecutive non-finite steps (skipped on every rank) before aborting
+    collective_timeout_s: int = 600     # a rank that stops answering makes the others fail after this
+    inject_nan_steps: list[int] = field(default_factory=list)  # testing the fault path only
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    max_steps: int = 200
+    log_every: int = 10
+    denoise_unlabelled: bool = True     # train unlabelled structures through denoising labelling
+    model: PaiNNConfig = field(default_factory=PaiNNConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval_datasets: list[DatasetConfig] = field(default_factory=list)
+    deepspeed_config: str = "ds_configs/cpu_demo.json"  # relative paths: from the repository root
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names it."""
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = (), schema: Any = RunConfig):
+    """Schema defaults <- YAML files in order <- ``key=value`` dotted overrides, then validated."""
+    try:
+        cfg = OmegaConf.structured(schema)
+        for f in files:
+            if not Path(f).is_file():
+                raise ConfigError(f"config file not found: {f}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(f))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key=value, got {bad}")
+            for item in overrides:
+                key, value = item.split("=", 1)
+                # from_dotlist cannot address list items ("data.datasets.0.path"); update can.
+                OmegaConf.update(cfg, key.strip(), yaml.safe_load(value) if value else None, merge=True)
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a section's own validation (__post_init__)
+        raise ConfigError(f"invalid config value: {exc}") from exc
+    except (OmegaConfBaseException, TypeError, yaml.YAMLError) as exc:
+        where = f" (in {', '.join(map(str, files))})" if files else ""
+        raise ConfigError(f"invalid config{where}: {exc}".splitlines()[0] + _key_hint(exc)) from exc
+
+
+def _key_hint(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    return f" [key: {key}]" if key else ""
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,84 @@
+"""From a DataConfig to datasets, fitted per-dataset statistics and deterministic step batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lamm_ds.engine.config import DataConfig, DatasetConfig
+from lamm_ds.graphs import AtomsBatch, GraphDataset, collate
+from lamm_ds.mixture import MixtureStream
+from lamm_ds.model.heads import DatasetStats, fit_dataset_stats
+from lamm_ds.shards import LmdbDataset, is_dataset_dir
+
+
+def open_datasets(entries: list[DatasetConfig], demo_dir: str | None = None) -> list[LmdbDataset]:
+    """Open every configured dataset; generates the demo data first when configured and missing."""
+    if not entries:
+        raise ValueError("data.datasets is empty: list at least one {name, path}")
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"dataset names must be unique and non-empty, got {names}")
+    if demo_dir is not None and not all(is_dataset_dir(e.path) for e in entries):
+        from lamm_ds.demo import make_demo
+
+        make_demo(demo_dir)
+    out = []
+    for e in entries:
+        if not is_dataset_dir(e.path):
+            raise FileNotFoundError(f"dataset {e.name!r}: {e.path} is not a lamm-ds dataset directory "
+                                    "(create it with `lamm-ds ingest`)")
+        out.append(LmdbDataset(e.path))
+    return out
+
+
+def fit_stats(dataset: LmdbDataset, max_z: int, samples: int, seed: int = 0) -> DatasetStats:
+    """References/normalisation from up to ``samples`` structures, chosen without decoding the rest."""
+    labelled = np.flatnonzero(dataset.index["has_energy"] | dataset.index["has_forces"])
+    if len(labelled) > samples:
+        labelled = np.sort(np.random.default_rng(seed).choice(labelled, samples, replace=False))
+    return fit_dataset_stats((dataset[int(k)] for k in labelled), max_z)
+
+
+def plan_step(stream: MixtureStream, epoch_length: int, step: int, batch_size: int) -> tuple[int, np.ndarray,
+                                                                                              np.ndarray, np.ndarray]:
+    """(epoch, positions, dataset ids, indices) of the ``batch_size`` draws of step ``step``.
+
+    Step s takes global positions [s*B, (s+1)*B) of the concatenated epoch streams: a pure
+    function of (seed, step), so every rank and every resumed run computes the same draws.
+    """
+    positions = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+    epochs = positions // epoch_length
+    ks = np.empty(batch_size, dtype=np.int64)
+    idx = np.empty(batch_size, dtype=np.int64)
+    for e in np.unique(epochs):
+        sel = epochs == e
+        k, i = stream.epoch(int(e)).take(positions[sel] - e * epoch_length)
+        ks[sel], idx[sel] = k, i
+    return int(epochs[0]), positions, ks, idx
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``s`` is the collated batch of step ``s`` (built in DataLoader workers)."""
+
+    def __init__(self, graphs: GraphDataset, stream: MixtureStream, epoch_length: int, batch_size: int):
+        self.graphs, self.stream = graphs, stream
+        self.epoch_length, self.batch_size = epoch_length, batch_size
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, step: int) -> tuple[int, AtomsBatch]:
+        epoch, positions, ks, idx = plan_step(self.stream, self.epoch_length, step, self.batch_size)
+        samples = [self.graphs[(int(k), int(i), int(p))] for k, i, p in zip(ks, idx, positions)]
+        return epoch, collate(samples)
+
+
+def make_loader(graphs: GraphDataset, stream: MixtureStream, epoch_length: int, batch_size: int,
+                start_step: int, end_step: int, num_workers: int):
+    """Batches for steps ``start_step .. end_step-1`` in order (resume = start later)."""
+    steps = StepBatches(graphs, stream, epoch_length, batch_size)
+    return torch.utils.data.DataLoader(steps, batch_size=None, sampler=range(start_step, end_step),
+                                       num_workers=num_workers, persistent_workers=False)

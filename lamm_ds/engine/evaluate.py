@@ -1,0 +1,121 @@
+"""Energy/force errors of a model on stored datasets or any ASE-readable file."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lamm_ds.graphs import build_sample, collate
+from lamm_ds.model.potential import Potential
+from lamm_ds.structure import Structure
+
+
+def load_structures(source: str | Path) -> tuple[str, Sequence[Structure]]:
+    """(name, structures) from a lamm-ds dataset directory or an ASE-readable file."""
+    from lamm_ds.shards import LmdbDataset, is_dataset_dir
+
+    if is_dataset_dir(source):
+        ds = LmdbDataset(source)
+        return ds.name, ds
+    from lamm_ds.ingest.readers import LabelKeys, iter_source
+
+    return Path(source).stem, list(iter_source(Path(source), LabelKeys()))
+
+
+@torch.no_grad()
+def _predict(model, batch):
+    return model(batch)
+
+
+def evaluate(model: Potential, structures: Sequence[Structure], head: str, batch_size: int = 16,
+             return_predictions: bool = False) -> dict:
+    """MAE/RMSE of energy (eV per structure and eV/atom) and forces (eV/Å per component)."""
+    was_training = model.training
+    model.eval()
+    cfg = model.cfg
+    dataset_id = model.dataset_index(head)
+    dtype = next(model.parameters()).dtype
+    dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    device = next(model.parameters()).device
+    e_err, e_err_atom, f_err = [], [], []
+    preds = {"energy_true": [], "energy_pred": [], "natoms": [], "forces_true": [], "forces_pred": []}
+    n = len(structures)
+    for start in range(0, n, batch_size):
+        chunk = [structures[k] for k in range(start, min(n, start + batch_size))]
+        batch = collate([build_sample(s, cfg.cutoff, cfg.max_neighbors, dataset_id) for s in chunk], dtype)
+        batch = batch.to(device)
+        if cfg.forces == "conservative":
+            with torch.enable_grad():
+                out = model(batch)
+        else:
+            out = _predict(model, batch)
+        energy = out["energy"].detach().double().cpu()
+        forces = out["forces"].detach().double().cpu()
+        offsets = np.concatenate([[0], np.cumsum([s.natoms for s in chunk])])
+        for g, s in enumerate(chunk):
+            if s.energy is not None:
+                e_err.append(float(energy[g]) - s.energy)
+                e_err_atom.append(e_err[-1] / s.natoms)
+                preds["energy_true"].append(s.energy)
+                preds["energy_pred"].append(float(energy[g]))
+                preds["natoms"].append(s.natoms)
+            if s.forces is not None:
+                fp = forces[offsets[g]:offsets[g + 1]].numpy()
+                f_err.append((fp - s.forces).reshape(-1))
+                preds["forces_true"].append(s.forces.reshape(-1))
+                preds["forces_pred"].append(fp.reshape(-1))
+    model.train(was_training)
+
+    def mae(x):
+        return float(np.mean(np.abs(x))) if len(x) else math.nan
+
+    def rmse(x):
+        return float(np.sqrt(np.mean(np.square(x)))) if len(x) else math.nan
+
+    f = np.concatenate(f_err) if f_err else np.zeros(0)
+    result = {
+        "structures": n,
+        "energy_labelled": len(e_err),
+        "force_labelled": len(f_err),
+        "energy_mae": mae(e_err), "energy_rmse": rmse(e_err),
+        "energy_mae_per_atom": mae(e_err_atom), "energy_rmse_per_atom": rmse(e_err_atom),
+        "forces_mae": mae(f), "forces_rmse": rmse(f),
+    }
+    if return_predictions:
+        result["predictions"] = {k: (np.concatenate(v) if k.startswith("forces") and v else np.asarray(v))
+                                 for k, v in preds.items()}
+    return result
+
+
+def parity_plot(predictions: dict, path: str | Path, title: str) -> Path:
+    """Energy-per-atom and force-component parity plots side by side (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    panels = [
+        ("energy (eV/atom)", np.asarray(predictions["energy_true"]) / np.maximum(predictions["natoms"], 1),
+         np.asarray(predictions["energy_pred"]) / np.maximum(predictions["natoms"], 1)),
+        ("force component (eV/Å)", predictions["forces_true"], predictions["forces_pred"]),
+    ]
+    for ax, (label, true, pred) in zip(axes, panels):
+        true, pred = np.asarray(true), np.asarray(pred)
+        if true.size:
+            lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
+            ax.plot([lo, hi], [lo, hi], color="0.6", lw=1)
+            ax.scatter(true, pred, s=4, alpha=0.5)
+        ax.set_xlabel(f"reference {label}")
+        ax.set_ylabel(f"predicted {label}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
