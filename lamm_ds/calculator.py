@@ -1,0 +1,174 @@
+"""ASE calculator for lamm-ds potentials: molecular dynamics, relaxations and single points.
+
+>>> from lamm_ds.calculator import LammCalculator
+>>> atoms.calc = LammCalculator("model.safetensors", head="mptrj")   # doctest: +SKIP
+>>> atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()  # doctest: +SKIP
+
+Units are ASE's: energy eV, forces eV/Å, stress eV/Å^3 as a Voigt 6-vector (xx, yy, zz, yz, xz, xy)
+with ASE's sign convention (positive = tensile). See ``docs/calculator.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from lamm_ds.graphs.collate import build_sample, collate
+from lamm_ds.model.potential import Potential
+from lamm_ds.structure import Structure
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_MIN_VOLUME = 1e-6  # Å^3, as in Potential: a smaller "periodic" cell gets no stress
+
+STRESS_HINT = ("export a model trained with model.forces=conservative model.stress=true "
+               "(stress is the strain derivative of the energy, which only such a model computes)")
+
+
+class NonConservativeForcesWarning(UserWarning):
+    """The model predicts forces directly: they are not the gradient of its energy."""
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        key = dtype.removeprefix("torch.")
+        if key not in _DTYPES:
+            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        return _DTYPES[key]
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    return dtype
+
+
+class LammCalculator(Calculator):
+    """ASE calculator around a :class:`~lamm_ds.model.potential.Potential`.
+
+    Parameters
+    ----------
+    model:
+        Path of an exported model file (``lamm_ds.engine.export.export_model``) or a ``Potential``.
+        A ``Potential`` is used as is when it already has the requested device and dtype (it is put
+        in eval mode for each calculation and its train/eval mode restored afterwards); otherwise a
+        converted copy is made, so the caller's module is never changed.
+    head:
+        Dataset whose energy head, reference energies and normalisation are used (a model trained
+        on several datasets has one head per dataset, i.e. per level of theory). Default: the first.
+    device:
+        Torch device; default ``"cuda"`` when available, else ``"cpu"``.
+    dtype:
+        ``torch.float32`` (default) or ``torch.float64`` (or the strings ``"float32"``/``"float64"``);
+        both the model and the geometry are evaluated in it. float64 gives smoother finite
+        differences and tighter energy conservation in long NVE runs, at a higher cost.
+    neighbor_backend:
+        Neighbour-list library passed to :func:`lamm_ds.neighbors.radius_graph`.
+    **kwargs:
+        Passed to :class:`ase.calculators.calculator.Calculator` (``label``, ``directory``, ...).
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def __init__(self, model: str | os.PathLike | Potential, head: str | None = None,
+                 device: str | torch.device | None = None, dtype: torch.dtype | str = torch.float32,
+                 neighbor_backend: str = "vesin", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.dtype = _as_dtype(dtype)
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.neighbor_backend = neighbor_backend
+        if isinstance(model, Potential):
+            ref = next(model.parameters())
+            same_device = ref.device.type == self.device.type and self.device.index in (None, ref.device.index)
+            if ref.dtype != self.dtype or not same_device:
+                model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
+        elif isinstance(model, (str, os.PathLike)):
+            from lamm_ds.engine.export import load_model
+
+            model = load_model(model, device=self.device).to(dtype=self.dtype)
+        else:
+            raise TypeError(f"model must be a path to an exported model or a Potential, got {type(model).__name__}")
+        self.model: Potential = model
+        self.heads: list[str] = model.dataset_names
+        if head is None:
+            head = self.heads[0]
+        if head not in self.heads:
+            raise ValueError(f"unknown head {head!r}; this model has heads: {', '.join(self.heads)}")
+        self.head = head
+        self.dataset_id = model.dataset_index(head)
+        cfg = model.cfg
+        self.cutoff = float(cfg.cutoff)
+        self.max_neighbors = cfg.max_neighbors
+        self.conservative = cfg.forces == "conservative"
+        self.has_stress = self.conservative and bool(cfg.stress)
+        if not self.conservative:
+            warnings.warn(
+                "this model predicts forces directly (model.forces=direct): they are not the gradient of "
+                "its energy, so total energy is not conserved in molecular dynamics (NVE drifts; use a "
+                "thermostat, or a model trained with model.forces=conservative)",
+                NonConservativeForcesWarning, stacklevel=2)
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _structure(self, atoms) -> Structure:
+        numbers = np.asarray(atoms.numbers)
+        max_z = self.model.cfg.max_z
+        if numbers.size and (numbers.min() < 1 or numbers.max() > max_z):
+            bad = sorted({int(z) for z in numbers if z < 1 or z > max_z})
+            raise ValueError(f"atomic numbers {bad} are outside the model's range 1..{max_z}")
+        s = Structure(numbers, atoms.positions, np.asarray(atoms.cell[:]), atoms.pbc)
+        problems = [p for p in s.problems() if "atomic numbers" not in p]
+        if problems:
+            raise ValueError(f"cannot evaluate this structure: {'; '.join(problems)}")
+        return s
+
+    def _stress_allowed(self, atoms) -> bool:
+        return bool(np.any(atoms.pbc)) and abs(float(np.linalg.det(atoms.cell[:]))) > _MIN_VOLUME
+
+    def _forward(self, sample) -> dict[str, torch.Tensor]:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            # Conservative forces/stress are autograd derivatives taken inside Potential.forward, so
+            # grad stays on, also when the caller runs under no_grad or inference_mode (the batch is
+            # built outside inference mode too: inference tensors cannot require grad). Direct-force
+            # models need no graph at all.
+            if self.conservative:
+                with torch.inference_mode(False), torch.enable_grad():
+                    return model(collate([sample], dtype=self.dtype).to(device=self.device))
+            with torch.no_grad():
+                return model(collate([sample], dtype=self.dtype).to(device=self.device))
+        finally:
+            model.train(was_training)
+
+    # -- ASE interface -----------------------------------------------------------------------------
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        if "stress" in properties:
+            if not self.has_stress:
+                mode = "direct forces" if not self.conservative else "conservative forces without stress"
+                raise PropertyNotImplementedError(
+                    f"this model cannot compute stress (it was trained with {mode}); {STRESS_HINT}")
+            if not self._stress_allowed(atoms):
+                raise PropertyNotImplementedError(
+                    "stress needs a periodic cell with non-zero volume (set atoms.cell and atoms.pbc)")
+
+        # A new neighbour list for every geometry: ASE only calls calculate() when the atoms changed.
+        sample = build_sample(self._structure(atoms), self.cutoff, self.max_neighbors,
+                              dataset_id=self.dataset_id, backend=self.neighbor_backend)
+        out = self._forward(sample)
+
+        energy = float(out["energy"].detach()[0].double().cpu())
+        self.results["energy"] = energy
+        self.results["free_energy"] = energy
+        self.results["forces"] = out["forces"].detach().double().cpu().numpy()
+        # The model computes stress with the forces at little extra cost: keep it whenever it is
+        # defined, so a later get_stress() on the same geometry needs no second evaluation.
+        if self.has_stress and "stress" in out and self._stress_allowed(atoms):
+            full = out["stress"].detach()[0].double().cpu().numpy()
+            self.results["stress"] = full_3x3_to_voigt_6_stress(full)
