@@ -16,8 +16,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# Ranks for the demo (CPU processes here; GPUs on a GPU machine). One OpenMP thread per rank by default.
+NPROC ?= 2
+OMP_NUM_THREADS ?= 1
+export OMP_NUM_THREADS
+
+# The demo run starts afresh in runs/demo each time (the demo data in data/demo is made once).
 demo: $(STAMP)
-	$(BIN)/lamm-ds demo --data data/demo --run-dir runs/demo
+	rm -rf runs/demo
+	$(BIN)/deepspeed --num_gpus $(NPROC) launch/pretrain.py --run-dir runs/demo
 
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests

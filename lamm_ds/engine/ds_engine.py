@@ -505,6 +505,11 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
                         writer.add_scalar(f"eval/{entry.name}/{k}", v, cfg.max_steps)
             summary["evaluation"] = evaluation
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            log.info("finished %d steps on %d rank(s): model %s; TensorBoard: tensorboard --logdir %s",
+                     cfg.max_steps, world, summary["model_path"], run_dir / "tb")
+            for name, m in evaluation.items():
+                log.info("  %s: energy MAE %.1f meV/atom, force MAE %.1f meV/Å", name,
+                         m["energy_mae_per_atom"] * 1000, m["forces_mae"] * 1000)
         dist.barrier()
         return summary
     finally:
