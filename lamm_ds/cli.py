@@ -130,6 +130,58 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_convert_fairchem(args) -> int:
+    from lamm_ds.model.convert_fairchem import convert_fairchem
+
+    path = convert_fairchem(args.checkpoint, args.out, dataset=args.dataset)
+    print(f"{args.checkpoint} -> {path} (EquiformerV2, energy head {args.dataset!r})")
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from pathlib import Path
+
+    from lamm_ds.engine.config import load_config
+    from lamm_ds.engine.schedule import COST_FILE, calibrate
+
+    cfg = load_config(args.config or ["configs/demo.yaml"], args.overrides)
+    model, report = calibrate(cfg, batches=args.batches, repeats=args.repeats, max_graphs=args.max_graphs,
+                              seed=args.seed, device=args.device, progress=not args.quiet)
+    out = Path(args.out) if args.out else Path(args.run_dir) / COST_FILE
+    model.save(out)
+    if args.json:
+        print(json.dumps({**report, "path": str(out)}, indent=2))
+    else:
+        c = report["coefficients"]
+        print(f"cost model: {c['atoms']:.4g} s/atom + {c['edges']:.4g} s/edge + {c['graphs']:.4g} s/graph "
+              f"+ {c['const']:.4g} s/micro-batch")
+        print(f"fit: {report['summary']}")
+        d = report["fit_on_model_edges"]
+        print(f"  (diagnostic: with the model's own edge counts instead of the stored ones: R² {d['r2']:.4f}, "
+              f"worst relative error {d['max_rel_error'] * 100:.1f}%)")
+        print(f"saved to {out} (train with --run-dir {out.parent} or schedule.cost_model={out})")
+    return 0
+
+
+def _cmd_plan_report(args) -> int:
+    from pathlib import Path
+
+    from lamm_ds.engine.config import load_config
+    from lamm_ds.engine.schedule import plan_report
+
+    cfg = load_config(args.config or ["configs/demo.yaml"], args.overrides)
+    res = plan_report(cfg, args.ranks, args.steps, args.out, strategies=args.strategies or None,
+                      run_dir=Path(args.run_dir) if args.run_dir else None)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for name, r in res["strategies"].items():
+            print(f"{name:>9}: predicted {r['predicted_time_s']:.4g} s for {res['steps']} steps, efficiency "
+                  f"{r['efficiency']:.3f} (perfect balance = 1), {r.get('speedup_vs_fixed', float('nan')):.2f}x vs fixed")
+        print(f"plot: {res['png']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lamm-ds", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +250,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot-dir", default=".", help="where parity_<name>.png goes ('' for no plots)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("convert-fairchem", help="convert a fairchem EquiformerV2 checkpoint to a lamm-ds model file")
+    p.add_argument("checkpoint", help="fairchem .pt checkpoint (unpickled: only convert files you trust)")
+    p.add_argument("out", help="output model file (.safetensors), loadable by lamm_ds.load_model")
+    p.add_argument("--dataset", default="fairchem", help="name of the energy head (dataset) in the lamm-ds model")
+    p.set_defaults(func=_cmd_convert_fairchem)
+
+    p = sub.add_parser("calibrate", help="time real micro-batches and fit the scheduler's cost model")
+    p.add_argument("--config", action="append", default=None, help="YAML config (repeatable; default configs/demo.yaml)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run-dir", help="save as <run-dir>/cost_model.json (used by training in that run dir)")
+    where.add_argument("--out", help="save to this JSON file (use with schedule.cost_model=<file>)")
+    p.add_argument("--batches", type=int, default=40, help="micro-batches of mixed sizes to time")
+    p.add_argument("--repeats", type=int, default=3, help="timings per micro-batch (the minimum is kept)")
+    p.add_argument("--max-graphs", type=int, default=None, help="largest micro-batch (default 2 x data.batch_size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print the fit report as JSON")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden=128")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("plan-report", help="draw predicted per-rank load of naive vs balanced plans (PNG)")
+    p.add_argument("--config", action="append", default=None, help="YAML config (repeatable; default configs/demo.yaml)")
+    p.add_argument("--ranks", type=int, default=8, help="number of ranks to plan for")
+    p.add_argument("--steps", type=int, default=64, help="steps to plan")
+    p.add_argument("--out", default="plan_report.png")
+    p.add_argument("--strategies", nargs="+", default=None,
+                   help="default: fixed atoms and schedule.strategy (balanced unless budget)")
+    p.add_argument("--run-dir", default=None, help="take the cost model from <run-dir>/cost_model.json")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=16")
+    p.set_defaults(func=_cmd_plan_report)
     return parser
 
 
@@ -205,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # e.g. `lamm-ds info DIR | head`
+        sys.stderr.close()
+        return 0
     except (ValueError, RuntimeError, FileNotFoundError, KeyError) as exc:
         print(f"lamm-ds {args.command}: error: {exc}", file=sys.stderr)
         return 2

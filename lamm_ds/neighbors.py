@@ -59,9 +59,8 @@ def _box_for_library(cell: np.ndarray, pbc: np.ndarray, positions: np.ndarray, c
 def _pairs_vesin(positions, cell, pbc, cutoff):
     from vesin import NeighborList
 
-    box = _box_for_library(cell, pbc, positions, cutoff)
-    if not pbc.any():
-        box = np.zeros((3, 3))
+    # Non-periodic: vesin ignores the box, so skip building one (a measurable cost for molecules).
+    box = _box_for_library(cell, pbc, positions, cutoff) if pbc.any() else np.zeros((3, 3))
     nl = NeighborList(cutoff=cutoff + _SKIN, full_list=True)
     i, j, s = nl.compute(positions, box, [bool(p) for p in pbc], quantities="ijS")
     return i, j, s
@@ -125,7 +124,9 @@ def radius_graph(
     i = np.asarray(i, dtype=np.int64)
     j = np.asarray(j, dtype=np.int64)
     s = np.asarray(s, dtype=np.int64).reshape(-1, 3)
-    dist = np.linalg.norm(positions[j] + s @ cell - positions[i], axis=1)
+    # Same operation order as AtomsBatch.edge_vectors: (x_j - x_i) + S @ cell, so images that are
+    # mathematically equidistant get bit-identical distances and the (j, shift) tie-break applies.
+    dist = np.linalg.norm((positions[j] - positions[i]) + s @ cell, axis=1)
     inside = dist < cutoff
     i, j, s, dist = i[inside], j[inside], s[inside], dist[inside]
     order = np.lexsort((s[:, 2], s[:, 1], s[:, 0], j, dist, i))

@@ -270,6 +270,8 @@ def test_interrupted_ingest_leaves_nothing(tmp_path):
     assert not (tmp_path / "ds").exists()
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".ds.ingest")]
     assert leftovers and not (leftovers[0] / "manifest.json").exists()  # nothing that looks complete
+    ingest([f], tmp_path / "ds", IngestOptions(name="t", progress=False))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ds.ingest")]  # stale temp cleaned
 
 
 def test_cli_ingest_and_info_json(tmp_path, capsys):

@@ -11,8 +11,10 @@ SETS = [
     ("acac/train_300K.xyz", LabelKeys()),
     ("acac/test_MD_600K.xyz", LabelKeys()),
     ("3bpa/train_300K.xyz", LabelKeys()),
-    ("mlearn/Si/training.xyz", LabelKeys(stress="virial_stress_kbar", stress_unit="kbar")),
-    ("mlearn/Mo/test.xyz", LabelKeys(stress="virial_stress_kbar", stress_unit="kbar")),
+    # mlearn's virial_stress_kbar uses another sign convention and component order than ASE (see
+    # docs/data.md), so its stress is not ingested here.
+    ("mlearn/Si/training.xyz", LabelKeys()),
+    ("mlearn/Mo/test.xyz", LabelKeys()),
 ]
 
 
@@ -31,7 +33,4 @@ def test_ingest_real_dataset(shared_data, tmp_path, rel, keys):
         np.testing.assert_array_equal(s.forces, a.get_forces())
         assert s.energy == a.get_potential_energy()
         np.testing.assert_array_equal(s.pbc, a.pbc)
-        if keys.stress:
-            expected = np.asarray(a.info["virial_stress_kbar"]) / 1602.1766208
-            np.testing.assert_allclose(s.stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]], expected)
     assert ds.nedges.min() > 0

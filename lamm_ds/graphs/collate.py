@@ -60,7 +60,8 @@ def collate(samples: list[GraphSample], dtype: torch.dtype = torch.float32) -> A
             fixed[off:off + st.natoms] = st.fixed
     edge_i = np.concatenate([s.edge_i + off for s, off in zip(samples, offsets)])
     edge_j = np.concatenate([s.edge_j + off for s, off in zip(samples, offsets)])
-    shifts = np.concatenate([s.shifts.reshape(-1, 3) for s in samples])
+    # convert in numpy: torch's int64->float conversion spins up intra-op threads, slow under load
+    shifts = np.concatenate([s.shifts.reshape(-1, 3) for s in samples]).astype(np.float64)
 
     def f(a):
         return torch.as_tensor(np.asarray(a), dtype=dtype)

@@ -105,6 +105,7 @@ def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> In
     if out.exists() and not opts.force:
         raise IngestError(f"{out} already exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.ingest-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -178,6 +179,18 @@ class _Worker:
 
     def __call__(self, chunk):
         return _process(chunk, *self.args)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete temporary directories left by killed ingests of the same output (their pid is gone)."""
+    for leftover in out.parent.glob(f".{out.name}.ingest-*"):
+        try:
+            pid = int(leftover.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue  # not ours, or a live process of another user
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
