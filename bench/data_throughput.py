@@ -18,12 +18,12 @@ The baselines are slow, so they run on an evenly spaced subset of each dataset; 
 all of it. Methods alternate in one process for several rounds; figures are medians. Before
 timing, the baseline graphs of the subset are compared with ours (``checks`` in the JSON).
 
-    .venv/bin/python bench/data_throughput.py              # ~1.5 minutes on 2 cores
-    .venv/bin/python bench/data_throughput.py --profile    # + cProfile of every method (stderr)
+    .venv/bin/python bench/data_throughput.py              # 1-2 minutes on 2 cores
+    .venv/bin/python bench/data_throughput.py --profile    # + cProfile of baseline and ours_single (stderr)
 
 The last stdout line is one JSON object, ratios first (``A/B`` = structures/s of A over that of
 B, i.e. a speed-up), also written to ``bench/results/data_throughput.json``. Without
-``../shared/data`` the benchmark exits cleanly with a message.
+``../shared/data`` (or ``$LAMM_DS_SHARED_DATA``) the benchmark exits cleanly with a message.
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def _timed(fn) -> float:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (median taken)")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds (median taken)")
     parser.add_argument("--baseline-structures", type=int, default=40,
                         help="size of the evenly spaced subset the (slow) baselines run on")
     parser.add_argument("--profile", action="store_true", help="cProfile baseline and ours_single (to stderr)")

@@ -12,12 +12,13 @@ rotating order for several rounds; figures are medians over rounds of the time p
 Every case also checks that vesin and matscipy give identical graphs, and that the uncapped pair
 count equals ASE's (on the structures ASE is timed on).
 
-    .venv/bin/python bench/neighbor_lists.py            # ~2 minutes on 2 cores
-    .venv/bin/python bench/neighbor_lists.py --rounds 5
+    .venv/bin/python bench/neighbor_lists.py            # ~1 minute on 2 cores
+    .venv/bin/python bench/neighbor_lists.py --rounds 9
 
 The last stdout line is one JSON object (ratios first); it is also written to
 ``bench/results/neighbor_lists.json``. Ratios are ``other_time / vesin_time``: above 1 means vesin
-is faster. The real-data cases need ``../shared/data``; without it the benchmark exits cleanly.
+is faster. The real-data cases need ``../shared/data`` (or ``$LAMM_DS_SHARED_DATA``); without it
+the benchmark exits cleanly with a message.
 """
 
 from __future__ import annotations
@@ -84,8 +85,15 @@ def real_cells(n_per_set: int) -> dict[str, list]:
     out = {}
     for name, rel in [("mlearn_Si", "mlearn/Si/training.xyz"), ("mlearn_Mo", "mlearn/Mo/training.xyz")]:
         frames = ase.io.read(DATA / rel, ":")
-        step = max(1, len(frames) // n_per_set)
-        out[name] = frames[::step][:n_per_set]  # spread over AIMD, elastic, vacancy and surface cells
+        by_type: dict[str, list] = {}
+        for atoms in frames:
+            by_type.setdefault(str(atoms.info.get("config_type")), []).append(atoms)
+        groups = [by_type[t] for t in sorted(by_type)]
+        picked, k = [], 0
+        while len(picked) < n_per_set and any(k < len(g) for g in groups):  # round-robin over config types:
+            picked += [g[k] for g in groups if k < len(g)]                 # AIMD, elastic, surface, vacancy
+            k += 1
+        out[name] = picked[:n_per_set]
     frames = ase.io.read(DATA / "3bpa" / "train_300K.xyz", ":")
     out["3bpa_molecule_27"] = frames[:: max(1, len(frames) // n_per_set)][:n_per_set]
     return out
@@ -161,13 +169,13 @@ def time_case(structures, cutoff: float, rounds: int, ase_rounds: int, ase_struc
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per case (median taken)")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per case (median taken)")
     parser.add_argument("--ase-rounds", type=int, default=2,
                         help="rounds for the slow ASE reference (it is 10-200x slower)")
     parser.add_argument("--ase-structures", type=int, default=1,
                         help="structures per case the ASE reference is timed on")
     parser.add_argument("--real-structures", type=int, default=8, help="structures taken from each real set")
-    parser.add_argument("--pass-seconds", type=float, default=0.03,
+    parser.add_argument("--pass-seconds", type=float, default=0.05,
                         help="minimum duration of one timed pass (structures are repeated to reach it)")
     args = parser.parse_args(argv)
     if not DATA.is_dir():
