@@ -39,8 +39,9 @@ SchNetPack 2.1.1 imports ``T_co`` from ``torch.utils.data.dataloader``, which ne
 defines; ``_import_schnetpack`` adds that one name (a ``TypeVar``) before importing it. Without
 SchNetPack the benchmark prints a message and a JSON line with ``"skipped": true`` and exits 0.
 
-    .venv/bin/python bench/model_throughput.py                # ~2-3 minutes on one free core
+    .venv/bin/python bench/model_throughput.py                # ~1.5 minutes on one free core
     .venv/bin/python bench/model_throughput.py --rounds 7 --hidden 128 --layers 4
+    .venv/bin/python bench/model_throughput.py --with-unfused   # also ours with fused_messages=false
 
 The last stdout line is one JSON object, ratios first: ``ours_atoms_per_s/ref`` (above 1: ours is
 faster) and ``ours_peak_mem/ref`` (below 1: ours needs less memory), per ``system/forces`` case;
@@ -130,7 +131,8 @@ def make_batch(structures, cutoff: float, max_neighbors: int):
 
 # ------------------------------------------------------------------------------------------ models
 
-def build_reference(spk, hidden: int, layers: int, num_rbf: int, cutoff: float, forces: str):
+def build_reference(spk, hidden: int, layers: int, num_rbf: int, cutoff: float, forces: str,
+                    energy_per_atom: float = 0.0):
     import torch
     from torch import nn
 
@@ -144,6 +146,9 @@ def build_reference(spk, hidden: int, layers: int, num_rbf: int, cutoff: float, 
                 radial_basis=spk.nn.GaussianRBF(n_rbf=num_rbf, cutoff=cutoff),
                 cutoff_fn=spk.nn.CosineCutoff(cutoff))
             self.energy = spk.atomistic.Atomwise(n_in=hidden, n_out=1, n_layers=2, output_key="energy")
+            # a constant per-atom offset, as SchNetPack's AddOffsets(add_mean=True) would add, so both
+            # models see losses of the same size (ours has fitted per-element references)
+            self.energy_per_atom = float(energy_per_atom)
             self.conservative = forces == "conservative"
             self.force_head = None if self.conservative else spk.nn.build_gated_equivariant_mlp(
                 n_in=hidden, n_out=1, n_layers=2, sactivation=torch.nn.functional.silu)
@@ -156,7 +161,7 @@ def build_reference(spk, hidden: int, layers: int, num_rbf: int, cutoff: float, 
             inputs = {props.Z: batch.z, props.Rij: batch.edge_vectors(pos), props.idx_i: batch.edge_index[0],
                       props.idx_j: batch.edge_index[1], props.idx_m: batch.batch, props.n_atoms: batch.natoms}
             inputs = self.representation(inputs)
-            energy = self.energy(inputs)["energy"]
+            energy = self.energy(inputs)["energy"] + self.energy_per_atom * batch.natoms
             if self.conservative:
                 (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=self.training)
                 f = -grad
@@ -258,8 +263,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     try:
         spk = _import_schnetpack()
-    except ImportError as exc:
-        _skip(f"reference PaiNN (schnetpack) not importable: {exc}. Install it with: .venv/bin/pip install "
+    except Exception as exc:  # ImportError, or a version mismatch surfacing at import time
+        _skip(f"reference PaiNN (schnetpack) not importable: {type(exc).__name__}: {exc}. Install it with: .venv/bin/pip install "
               "h5py pytorch-lightning torchmetrics torch-ema fasteners dirsync tensorboardX rich && "
               ".venv/bin/pip install --no-deps 'schnetpack==2.1.1'")
     from lamm_ds.model.heads import fit_dataset_stats
@@ -278,10 +283,11 @@ def main(argv=None) -> dict:
     for system, structures in systems.items():
         batch = make_batch(structures, args.cutoff, args.max_neighbors)
         stats = fit_dataset_stats(structures, 100)
+        per_atom = float(np.mean([st.energy / st.natoms for st in structures]))
         for forces in ("direct", "conservative"):
             torch.manual_seed(args.seed)
             models = {"ours": build_ours(**hp, max_neighbors=args.max_neighbors, forces=forces, stats=stats),
-                      "ref": build_reference(spk, **hp, forces=forces)}
+                      "ref": build_reference(spk, **hp, forces=forces, energy_per_atom=per_atom)}
             if args.with_unfused:
                 models["ours_unfused"] = build_ours(**hp, max_neighbors=args.max_neighbors, forces=forces,
                                                     stats=stats, fused=False)

@@ -48,11 +48,7 @@ def evaluate(model: Potential, structures: Sequence[Structure], head: str, batch
         chunk = [structures[k] for k in range(start, min(n, start + batch_size))]
         batch = collate([build_sample(s, cfg.cutoff, cfg.max_neighbors, dataset_id) for s in chunk], dtype)
         batch = batch.to(device)
-        if cfg.forces == "conservative":
-            with torch.enable_grad():
-                out = model(batch)
-        else:
-            out = _predict(model, batch)
+        out = _predict(model, batch)  # conservative models enable grad for -dE/dx themselves
         energy = out["energy"].detach().double().cpu()
         forces = out["forces"].detach().double().cpu()
         offsets = np.concatenate([[0], np.cumsum([s.natoms for s in chunk])])
