@@ -18,6 +18,25 @@ FORMAT = "lamm-ds-model"
 VERSION = 1
 
 
+def _model_kinds() -> dict:
+    """Model kind (export metadata "model_kind", RunConfig.model_kind) -> (config class, potential class)."""
+    from lamm_ds.model.equiformer_v2 import EquiformerV2Config, EquiformerV2Potential
+
+    return {"painn": (PaiNNConfig, Potential), "equiformer_v2": (EquiformerV2Config, EquiformerV2Potential)}
+
+
+def model_kind_of(model) -> str:
+    return getattr(model, "model_kind", "painn")
+
+
+def build_potential(kind: str, cfg, dataset_names: list[str], stats: dict | None = None):
+    """A fresh potential of the given model kind (``cfg`` is that kind's config dataclass)."""
+    kinds = _model_kinds()
+    if kind not in kinds:
+        raise ValueError(f"unknown model kind {kind!r}; known: {sorted(kinds)}")
+    return kinds[kind][1](cfg, dataset_names, stats)
+
+
 def export_model(model: Potential, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write ``model`` as fp32 tensors plus its config; atomic (temp file + rename)."""
     path = Path(path)
@@ -28,6 +47,7 @@ def export_model(model: Potential, path: str | os.PathLike, extra: dict | None =
         "format": FORMAT,
         "version": str(VERSION),
         "model_config": json.dumps(model.cfg.to_dict()),
+        "model_kind": model_kind_of(model),
         "dataset_names": json.dumps(model.dataset_names),
         "extra": json.dumps(extra or {}),
     }
@@ -55,9 +75,14 @@ def read_export_metadata(path: str | os.PathLike) -> dict:
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Potential:
     """A :class:`Potential` from an exported file, in eval mode, fp32."""
     meta = read_export_metadata(path)
-    cfg = PaiNNConfig.from_dict(json.loads(meta["model_config"]))
+    kind = meta.get("model_kind", "painn")
+    kinds = _model_kinds()
+    if kind not in kinds:
+        raise ValueError(f"{path}: model kind {kind!r} is not known to this lamm-ds ({sorted(kinds)})")
+    config_cls, potential_cls = kinds[kind]
+    cfg = config_cls.from_dict(json.loads(meta["model_config"]))
     names = json.loads(meta["dataset_names"])
-    model = Potential(cfg, names, {n: DatasetStats.identity(cfg.max_z) for n in names})
+    model = potential_cls(cfg, names, {n: DatasetStats.identity(cfg.max_z) for n in names})
     state = {}
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():

@@ -49,9 +49,13 @@ def prepare_batch(batch: AtomsBatch, cfg: RunConfig, epoch: int) -> AtomsBatch:
 
 
 def build_model(cfg: RunConfig, datasets) -> Potential:
-    stats = {d.name: fit_stats(d, cfg.model.max_z, cfg.data.stats_samples, cfg.seed) for d in datasets}
+    from lamm_ds.engine.config import model_config
+    from lamm_ds.engine.export import build_potential
+
+    mcfg = model_config(cfg)
+    stats = {d.name: fit_stats(d, mcfg.max_z, cfg.data.stats_samples, cfg.seed) for d in datasets}
     torch.manual_seed(cfg.seed)
-    return Potential(cfg.model, [d.name for d in datasets], stats)
+    return build_potential(cfg.model_kind, mcfg, [d.name for d in datasets], stats)
 
 
 @dataclass
@@ -76,7 +80,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, progress: bool = True, mod
     if model is None:
         model = build_model(cfg, datasets)
     dataset_ids = torch.tensor([model.dataset_index(n) for n in names])
-    graphs = GraphDataset(datasets, cfg.model.cutoff, cfg.model.max_neighbors)
+    graphs = GraphDataset(datasets, model.cfg.cutoff, model.cfg.max_neighbors)
     stream = MixtureStream([len(d) for d in datasets], cfg.data.temperature, cfg.seed, cfg.data.epoch_length)
     epoch_length = len(stream.epoch(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)

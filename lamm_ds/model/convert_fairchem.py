@@ -1,0 +1,250 @@
+"""Convert a fairchem 1.x EquiformerV2 checkpoint into an exported lamm-ds model.
+
+A fairchem checkpoint is a ``torch.save`` dict with ``state_dict`` (keys possibly prefixed
+``module.``), ``config`` (the training YAML as a dict), and optionally ``normalizers`` and
+``elementrefs``. Two model layouts exist:
+
+* hydra (2024+): ``config["model"] = {"name": "hydra", "backbone": {...}, "heads": {...}}`` with
+  keys ``backbone.*`` and ``output_heads.<head>.energy_block.*`` / ``output_heads.<head>.force_block.*``;
+* monolithic (2023 OC20 checkpoints, class ``EquiformerV2``): ``config["model"] = "equiformer_v2"``
+  plus ``config["model_attributes"]`` (or a dict with ``name: equiformer_v2``), keys at the top level
+  with ``energy_block.*`` / ``force_block.*``.
+
+The lamm-ds module tree uses the same sub-module names, so weights map by prefix; fairchem's
+constant buffers (Wigner/grid/index tables) are rebuilt by lamm-ds and skipped. Normalisation is
+folded into the dataset head: fairchem predicts ``E = std * (sum_i e_i / avg_num_nodes + sum_i
+lin_ref[Z_i]) + mean + sum_i elementref[Z_i]`` and ``F = force_std * f``; lamm-ds stores
+``std`` as energy_std, ``mean`` as the per-structure energy offset, ``std * lin_ref + elementref``
+as references and ``force_std`` as force_std.
+
+Loading a checkpoint unpickles it (``torch.load(weights_only=False)``): only convert files you trust.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lamm_ds.model.equiformer_v2 import EquiformerV2Config, EquiformerV2Potential
+from lamm_ds.model.heads import DatasetStats
+
+log = logging.getLogger("lamm_ds")
+
+# fairchem EquiformerV2Backbone.__init__ defaults (used for keys a config leaves out)
+_FAIRCHEM_DEFAULTS = dict(
+    max_neighbors=500, max_radius=5.0, max_num_elements=90, num_layers=12, sphere_channels=128,
+    attn_hidden_channels=128, num_heads=8, attn_alpha_channels=32, attn_value_channels=16,
+    ffn_hidden_channels=512, norm_type="rms_norm_sh", lmax_list=[6], mmax_list=[2], grid_resolution=None,
+    edge_channels=128, use_atom_edge_embedding=True, share_atom_edge_embedding=False, use_m_share_rad=False,
+    distance_function="gaussian", use_s2_act_attn=False, use_attn_renorm=True, use_gate_act=False,
+    use_grid_mlp=False, use_sep_s2_act=True, alpha_drop=0.1, drop_path_rate=0.05, proj_drop=0.0,
+    weight_init="normal", avg_num_nodes=None, avg_degree=None, use_energy_lin_ref=False, load_energy_lin_ref=False,
+)
+_AVG_NUM_NODES = 77.81317
+_AVG_DEGREE = 23.395238876342773
+# keys that do not change the computation (graph generation, bookkeeping, unused options)
+_IGNORED = {"name", "model", "use_pbc", "use_pbc_single", "regress_forces", "otf_graph", "num_sphere_samples",
+            "num_distance_basis", "attn_activation", "ffn_activation", "enforce_max_neighbors_strictly",
+            "activation_checkpoint", "direct_forces"}
+# what lamm-ds implements; anything else is refused rather than silently converted wrong
+_REQUIRED = dict(share_atom_edge_embedding=False, use_m_share_rad=False, distance_function="gaussian",
+                 use_s2_act_attn=False, use_attn_renorm=True, use_gate_act=False, use_sep_s2_act=True, proj_drop=0.0)
+_ENERGY_HEADS = {"equiformer_v2_energy_head", "equiformerV2_scalar_head"}
+_FORCE_HEADS = {"equiformer_v2_force_head", "equiformerV2_vector_head"}
+_SKIP = re.compile(r"(^|\.)(SO3_rotation|mappingReduced|SO3_grid|mapping)\.|(^|\.)(expand_index|balance_degree_weight"
+                   r"|to_grid_mat|from_grid_mat)$|distance_expansion\.offset$|^energy_lin_ref$")
+
+
+class ConversionError(ValueError):
+    """The checkpoint is not a supported EquiformerV2 checkpoint; the message says why."""
+
+
+def model_section(config: dict) -> tuple[dict, dict, bool]:
+    """(backbone kwargs, heads, monolithic?) from a fairchem checkpoint's ``config``."""
+    model = config.get("model")
+    if isinstance(model, str):
+        if model != "equiformer_v2":
+            raise ConversionError(f"model {model!r} is not EquiformerV2")
+        return dict(config.get("model_attributes") or {}), {}, True
+    if not isinstance(model, dict):
+        raise ConversionError("checkpoint config has no 'model' section")
+    name = model.get("name")
+    if name == "equiformer_v2":
+        return {k: v for k, v in model.items() if k != "name"}, {}, True
+    if name == "hydra":
+        backbone = dict(model.get("backbone") or {})
+        kind = backbone.get("model")
+        if kind not in ("equiformer_v2_backbone", "equiformer_v2"):
+            raise ConversionError(f"hydra backbone {kind!r} is not EquiformerV2")
+        return backbone, dict(model.get("heads") or {}), False
+    raise ConversionError(f"model {name!r} is not EquiformerV2")
+
+
+def config_from_fairchem(kwargs: dict, energy_reduce: str = "sum") -> EquiformerV2Config:
+    kw = {**_FAIRCHEM_DEFAULTS, **kwargs}
+    unknown = sorted(set(kwargs) - set(_FAIRCHEM_DEFAULTS) - _IGNORED)
+    if unknown:
+        log.warning("convert-fairchem: ignoring unknown EquiformerV2 options %s", unknown)
+    for key, want in _REQUIRED.items():
+        if kw[key] != want:
+            raise ConversionError(f"EquiformerV2 option {key}={kw[key]!r} is not supported by lamm-ds (needs {want!r})")
+    if len(kw["lmax_list"]) != 1 or len(kw["mmax_list"]) != 1:
+        raise ConversionError("only single-resolution EquiformerV2 (one lmax/mmax) is supported")
+    return EquiformerV2Config(
+        num_layers=kw["num_layers"], lmax=kw["lmax_list"][0], mmax=kw["mmax_list"][0],
+        sphere_channels=kw["sphere_channels"], attn_hidden_channels=kw["attn_hidden_channels"],
+        num_heads=kw["num_heads"], attn_alpha_channels=kw["attn_alpha_channels"],
+        attn_value_channels=kw["attn_value_channels"], ffn_hidden_channels=kw["ffn_hidden_channels"],
+        edge_channels=kw["edge_channels"], grid_resolution=kw["grid_resolution"], cutoff=float(kw["max_radius"]),
+        max_neighbors=kw["max_neighbors"], max_z=kw["max_num_elements"] - 1, norm_type=kw["norm_type"],
+        use_grid_mlp=kw["use_grid_mlp"], use_atom_edge_embedding=kw["use_atom_edge_embedding"],
+        alpha_drop=kw["alpha_drop"], drop_path_rate=kw["drop_path_rate"],
+        avg_degree=kw["avg_degree"] or _AVG_DEGREE, avg_num_nodes=kw["avg_num_nodes"] or _AVG_NUM_NODES,
+        energy_reduce=energy_reduce, weight_init=kw["weight_init"], forces="direct")
+
+
+def _head_names(heads: dict) -> tuple[str | None, str | None, list[str]]:
+    energy = force = None
+    other = []
+    for name, spec in heads.items():
+        module = (spec or {}).get("module")
+        if module in _ENERGY_HEADS and energy is None:
+            energy = name
+        elif module in _FORCE_HEADS and force is None:
+            force = name
+        else:
+            other.append(name)
+    return energy, force, other
+
+
+def _strip_module(key: str) -> str:
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
+def map_state_dict(state: dict, monolithic: bool, energy_head: str | None, force_head: str | None,
+                   dataset: str) -> tuple[dict, list[str]]:
+    """fairchem keys -> lamm-ds keys; returns (mapped, skipped fairchem keys)."""
+    mapped, skipped = {}, []
+    for raw_key, value in state.items():
+        key = _strip_module(raw_key)
+        if monolithic:
+            if key.startswith("energy_block."):
+                new = f"heads.{dataset}.{key}"
+            elif key.startswith("force_block."):
+                new = f"force_head.{key}"
+            else:
+                new = f"backbone.{key}"
+        else:
+            if key.startswith("backbone."):
+                new = key
+            elif energy_head and key.startswith(f"output_heads.{energy_head}.energy_block."):
+                new = f"heads.{dataset}." + key[len(f"output_heads.{energy_head}."):]
+            elif force_head and key.startswith(f"output_heads.{force_head}.force_block."):
+                new = "force_head." + key[len(f"output_heads.{force_head}."):]
+            else:
+                skipped.append(raw_key)
+                continue
+        mapped[new] = value
+    return mapped, skipped
+
+
+def _scalar(x) -> float:
+    return float(torch.as_tensor(x).reshape(-1)[0]) if x is not None else None
+
+
+def _normalizers(ckpt: dict) -> tuple[float, float, float, float]:
+    """(energy mean, energy std, force mean, force std) from the checkpoint or its config."""
+    e_mean, e_std, f_mean, f_std = 0.0, 1.0, 0.0, 1.0
+    norms = ckpt.get("normalizers") or {}
+    for key in ("energy", "target"):
+        if key in norms and norms[key]:
+            e_mean = _scalar(norms[key].get("mean", 0.0))
+            e_std = _scalar(norms[key].get("rmsd", norms[key].get("std", 1.0)))
+            break
+    for key in ("forces", "grad_target"):
+        if key in norms and norms[key]:
+            f_mean = _scalar(norms[key].get("mean", 0.0))
+            f_std = _scalar(norms[key].get("rmsd", norms[key].get("std", 1.0)))
+            break
+    if not norms:  # 2023 configs: dataset.normalize_labels with the numbers inline
+        ds = (ckpt.get("config") or {}).get("dataset") or {}
+        ds = ds[0] if isinstance(ds, list) and ds else ds
+        if isinstance(ds, dict) and ds.get("normalize_labels"):
+            e_mean, e_std = float(ds.get("target_mean", 0.0)), float(ds.get("target_std", 1.0))
+            f_mean, f_std = float(ds.get("grad_target_mean", 0.0)), float(ds.get("grad_target_std", 1.0))
+    return e_mean, e_std, f_mean, f_std
+
+
+def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem",
+                       dtype: torch.dtype = torch.float32) -> EquiformerV2Potential:
+    """A lamm-ds :class:`EquiformerV2Potential` equivalent to the fairchem checkpoint (eval mode)."""
+    if not isinstance(ckpt, dict):
+        path = Path(ckpt)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such checkpoint")
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    if "state_dict" not in ckpt or "config" not in ckpt:
+        raise ConversionError("not a fairchem checkpoint (needs 'state_dict' and 'config')")
+    backbone_kw, heads, monolithic = model_section(ckpt["config"])
+    energy_head, force_head, other_heads = _head_names(heads)
+    reduce = "sum"
+    if energy_head is not None:
+        reduce = heads[energy_head].get("reduce", "sum")
+    if not monolithic and (energy_head is None or force_head is None):
+        raise ConversionError(f"hydra model needs an EquiformerV2 energy and force head, has {sorted(heads)}")
+    if other_heads:
+        log.warning("convert-fairchem: heads %s are not converted (lamm-ds has energy and direct forces)", other_heads)
+    cfg = config_from_fairchem(backbone_kw, reduce)
+    mapped, skipped = map_state_dict(ckpt["state_dict"], monolithic, energy_head, force_head, dataset)
+
+    e_mean, e_std, f_mean, f_std = _normalizers(ckpt)
+    if abs(f_mean) > 0:
+        raise ConversionError(f"force normaliser mean {f_mean} != 0 is not supported")
+    refs = np.zeros(cfg.max_z + 1)
+    lin_ref = mapped.pop("backbone.energy_lin_ref", None)
+    use_lin_ref = {**_FAIRCHEM_DEFAULTS, **backbone_kw}["use_energy_lin_ref"]
+    if lin_ref is not None and use_lin_ref:
+        refs += e_std * lin_ref.double().numpy()[:cfg.max_z + 1]
+    elementrefs = (ckpt.get("elementrefs") or {}).get("energy")
+    if elementrefs:
+        er = torch.as_tensor(elementrefs.get("element_references")).double().reshape(-1).numpy()
+        if np.any(er[cfg.max_z + 1:] != 0):
+            raise ConversionError("element references beyond max_num_elements")
+        refs[:min(len(er), cfg.max_z + 1)] += er[:cfg.max_z + 1]
+
+    stats = DatasetStats(refs, energy_mean=0.0, energy_std=e_std, force_std=f_std)
+    model = EquiformerV2Potential(cfg, [dataset], {dataset: stats}).to(dtype)
+    model.heads[dataset].offset.energy_offset.fill_(e_mean)
+    ours = model.state_dict()
+    loadable = {}
+    for key, value in mapped.items():
+        if key in ours:
+            if tuple(ours[key].shape) != tuple(value.shape):
+                raise ConversionError(f"{key}: shape {tuple(value.shape)} in the checkpoint, lamm-ds expects "
+                                      f"{tuple(ours[key].shape)}")
+            loadable[key] = value.to(ours[key].dtype)
+        elif _SKIP.search(key):
+            skipped.append(key)
+        else:
+            raise ConversionError(f"checkpoint tensor {key!r} has no counterpart in lamm-ds's EquiformerV2")
+    params = {n for n, _ in model.named_parameters()}
+    missing = sorted(params - set(loadable))
+    if missing:
+        raise ConversionError(f"checkpoint lacks weights for {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    model.load_state_dict(loadable, strict=False)
+    return model.eval()
+
+
+def convert_fairchem(checkpoint: str | os.PathLike, out: str | os.PathLike, dataset: str = "fairchem") -> Path:
+    """``lamm-ds convert-fairchem``: write the converted model as a lamm-ds export."""
+    from lamm_ds.engine.export import export_model
+
+    model = convert_checkpoint(checkpoint, dataset)
+    return export_model(model, out, {"converted_from": str(checkpoint), "source": "fairchem EquiformerV2"})
