@@ -16,6 +16,8 @@ Per run, after ``--warmup`` steps, from metrics.jsonl (the engine's own telemetr
                    all-reduce, the finite-loss all-gather after forward, the gradient all-reduce)
   busy_imbalance   mean over steps of max/mean per-rank busy (compute) time
   predicted_imbalance  the same from the cost model's prediction
+  pred_busy_corr   correlation over steps of the predicted and the measured busy-time difference
+                   between the two ranks (how much of the measured imbalance the cost model sees)
 
     .venv/bin/python bench/balance_real.py                    # ~6 minutes on 2 cores
     .venv/bin/python bench/balance_real.py --steps 60 --rounds 1 --batch-sizes 4   # ~1.5 minutes
@@ -70,7 +72,13 @@ def summarize(records: list[dict], warmup: int) -> dict:
     samples = np.array([r["samples_per_s"] * r["step_time_max"] for r in recs])
     step_r = np.array([[r["rank0/step_time"], r["rank1/step_time"]] for r in recs])
     busy_r = np.array([[r["rank0/busy_s"], r["rank1/busy_s"]] for r in recs])
-    return {"steps": len(recs), "step_s": float(t.mean()), "samples_per_s": float(samples.sum() / t.sum()),
+    pred_r = np.array([[r["rank0/predicted_s"], r["rank1/predicted_s"]] for r in recs])
+    dp, db = pred_r[:, 0] - pred_r[:, 1], busy_r[:, 0] - busy_r[:, 1]
+    corr = float(np.corrcoef(dp, db)[0, 1]) if dp.std() > 0 and db.std() > 0 else float("nan")
+    return {"steps": len(recs), "step_s": float(t.mean()),
+            "pred_busy_corr": corr, "busy_minus_predicted_s": float((busy_r - pred_r).mean()),
+            "rank_busy_diff_std_s": float(db.std()), "rank_pred_diff_std_s": float(dp.std()), "samples_per_s": float(samples.sum() / t.sum()),
+            "step_s_median": float(np.median(t)), "samples_per_s_median": float(samples.mean() / np.median(t)),
             "samples_per_step": float(samples.mean()),
             "allreduce_frac": float(np.mean([r["allreduce_wait_frac"] for r in recs])),
             "sync_wait_frac": float(1 - busy_r.sum() / step_r.sum()),
@@ -82,7 +90,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8], help="global; 2 ranks")
     ap.add_argument("--demo-dir", default=str(REPO / "data" / "demo"))
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every run")
@@ -114,10 +122,21 @@ def main(argv=None) -> int:
         ratios[f"balanced/fixed@batch{bs}"] = round(agg["balanced"]["samples_per_s"] / agg["fixed"]["samples_per_s"], 3)
         ratios[f"balanced/atoms@batch{bs}"] = round(agg["balanced"]["samples_per_s"] / agg["atoms"]["samples_per_s"], 3)
         ratios[f"atoms/fixed@batch{bs}"] = round(agg["atoms"]["samples_per_s"] / agg["fixed"]["samples_per_s"], 3)
+    for bs in runs:  # robust to descheduling spikes (but also blind to the slow steps balancing removes)
+        agg = per_bs[str(bs)]["mean"]
+        ratios[f"median-step balanced/fixed@batch{bs}"] = round(agg["balanced"]["samples_per_s_median"]
+                                                                / agg["fixed"]["samples_per_s_median"], 3)
+        ratios[f"median-step balanced/atoms@batch{bs}"] = round(agg["balanced"]["samples_per_s_median"]
+                                                                / agg["atoms"]["samples_per_s_median"], 3)
+    spread = {f"{s}@batch{bs}": [round(r["samples_per_s"], 1) for r in per_bs[str(bs)]["runs"][s]]
+              for bs in runs for s in STRATEGIES}
     waits = {f"{s}@batch{bs}": {"allreduce_frac": round(per_bs[str(bs)]["mean"][s]["allreduce_frac"], 4),
                                 "sync_wait_frac": round(per_bs[str(bs)]["mean"][s]["sync_wait_frac"], 4)}
              for bs in runs for s in STRATEGIES}
-    out = {"ratios": ratios, "wait_fractions": waits, "per_batch_size": per_bs,
+    imb = {f"{s}@batch{bs}": {"busy": round(per_bs[str(bs)]["mean"][s]["busy_imbalance"], 3),
+                              "predicted": round(per_bs[str(bs)]["mean"][s]["predicted_imbalance"], 3)}
+           for bs in runs for s in STRATEGIES}
+    out = {"ratios": ratios, "wait_fractions": waits, "imbalance": imb, "samples_per_s_per_run": spread, "per_batch_size": per_bs,
            "setup": {"ranks": 2, "launcher": "torchrun", "config": "configs/demo.yaml", "steps": args.steps,
                      "warmup": args.warmup, "rounds": args.rounds, "overrides": args.overrides},
            "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},

@@ -20,12 +20,15 @@ Metrics per (ranks R, nominal micro-batch m = samples per rank, batch_size = R·
   perfect     sum over steps of the mean rank's predicted seconds (the perfect-balance limit)
   throughput  samples / time; efficiency = perfect / time = throughput / perfect-balance throughput
   imbalance   per step max/mean of predicted rank costs, averaged over steps (and the worst step)
+  step_cost_cv / step_samples_cv   coefficient of variation over steps of the total predicted
+              cost / the number of samples of a step (budget mode: constant cost, variable count)
 
 Strategies are planned in one process, alternating window by window; the planning wall time
 per step is reported too (every rank computes the whole plan itself).
 
-    .venv/bin/python bench/balance_sim.py            # ~3-4 minutes on 2 cores
-    .venv/bin/python bench/balance_sim.py --quick    # 8 and 64 ranks only
+    .venv/bin/python bench/balance_sim.py            # ~2 minutes on 2 cores
+    .venv/bin/python bench/balance_sim.py --quick    # 8 and 64 ranks only (-> balance_sim_quick.json)
+    .venv/bin/python bench/balance_sim.py --ranks 512 --per-rank 1 2 --window-steps 8   # -> balance_sim_custom_w8.json
 
 The last stdout line is one JSON object, ratios first, also written to bench/results/balance_sim.json.
 """
@@ -268,7 +271,8 @@ def simulate(pools, cost_model, ranks_list, per_rank_list, window_steps, seed=0)
             steps = windows * window_steps
             scheds = {s: StepScheduler(stream, B, R, s, cost_model, natoms, nedges, window_steps=window_steps)
                       for s in STRATEGIES}
-            acc = {s: {"time": 0.0, "perfect": 0.0, "samples": 0, "imb": [], "plan_s": 0.0} for s in STRATEGIES}
+            acc = {s: {"time": 0.0, "perfect": 0.0, "samples": 0, "imb": [], "plan_s": 0.0, "total": [], "count": []}
+                   for s in STRATEGIES}
             for w in range(windows):
                 order = STRATEGIES[w % len(STRATEGIES):] + STRATEGIES[:w % len(STRATEGIES)]  # alternate
                 for s in order:
@@ -280,12 +284,16 @@ def simulate(pools, cost_model, ranks_list, per_rank_list, window_steps, seed=0)
                         acc[s]["perfect"] += float(p.predicted.mean())
                         acc[s]["samples"] += len(p.positions)
                         acc[s]["imb"].append(float(p.predicted.max() / p.predicted.mean()))
+                        acc[s]["total"].append(float(p.predicted.sum()))
+                        acc[s]["count"].append(len(p.positions))
             res = {}
             for s, a in acc.items():
                 res[s] = {"throughput": a["samples"] / a["time"], "perfect_throughput": a["samples"] / a["perfect"],
                           "efficiency": a["perfect"] / a["time"], "imbalance_mean": float(np.mean(a["imb"])),
                           "imbalance_worst_step": float(np.max(a["imb"])),
                           "imbalance_time_weighted": a["time"] / a["perfect"],
+                          "step_cost_cv": float(np.std(a["total"]) / np.mean(a["total"])),
+                          "step_samples_cv": float(np.std(a["count"]) / np.mean(a["count"])),
                           "plan_ms_per_step": 1000 * a["plan_s"] / steps, "steps": steps, "samples": a["samples"]}
             grid[f"{R}x{m}"] = res
             b = res["balanced"]
@@ -305,7 +313,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="8 and 64 ranks only")
     ap.add_argument("--window-steps", type=int, default=WINDOW_STEPS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ranks", type=int, nargs="+", default=None, help=f"default {RANKS}")
+    ap.add_argument("--per-rank", type=int, nargs="+", default=None, help=f"default {PER_RANK}")
     args = ap.parse_args(argv)
+    custom = args.ranks is not None or args.per_rank is not None or args.window_steps != WINDOW_STEPS
     t0 = time.perf_counter()
     pools = generate(args.seed)
     gen_s = time.perf_counter() - t0
@@ -317,8 +328,8 @@ def main(argv=None) -> int:
           + "; ".join(f"{k} {v['atoms_min']}-{v['atoms_max']} atoms, {v['edges_per_atom']} edges/atom" for k, v in mixture.items()),
           file=sys.stderr)
     cost = builtin_cost_model()
-    ranks = RANKS[:2] if args.quick else RANKS
-    grid = simulate(pools, cost, ranks, PER_RANK, args.window_steps, args.seed)
+    ranks = args.ranks or (RANKS[:2] if args.quick else RANKS)
+    grid = simulate(pools, cost, ranks, args.per_rank or PER_RANK, args.window_steps, args.seed)
 
     def ratio(key, a, b):
         return round(grid[key][a]["throughput"] / grid[key][b]["throughput"], 3)
@@ -350,7 +361,9 @@ def main(argv=None) -> int:
            "machine": {"python": platform.python_version(), "platform": platform.platform()},
            "wall_s": round(time.perf_counter() - t0, 1)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / ("balance_sim_quick.json" if args.quick else "balance_sim.json")).write_text(json.dumps(out, indent=1) + "\n")
+    name = (f"balance_sim_custom_w{args.window_steps}" if custom else "balance_sim_quick" if args.quick
+            else "balance_sim") + ".json"
+    (RESULTS / name).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out))
     return 0
 

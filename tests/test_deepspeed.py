@@ -253,3 +253,9 @@ def test_fp16_on_cpu_is_a_clear_error():
         pytest.skip("a GPU is present: fp16 is allowed")
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         deepspeed_config(cfg, 2)
+
+
+def test_zero3_with_conservative_forces_is_refused(demo_data, tmp_path):
+    proc = _run(["--max-steps", "2"], tmp_path / "z3c", demo_data, "model.forces=conservative",
+                "deepspeed_config=ds_configs/zero3_fp32.json", check=False)
+    assert proc.returncode != 0 and "ZeRO stage 3 cannot train conservative forces" in proc.stderr

@@ -16,7 +16,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lamm_ds.denoise import DenoiseConfig
 from lamm_ds.loss import LossConfig
+from lamm_ds.model.equiformer_v2 import EquiformerV2Config
 from lamm_ds.model.painn import PaiNNConfig
+
+MODEL_KINDS = ("painn", "equiformer_v2")
 
 
 @dataclass
@@ -72,6 +75,36 @@ class FaultConfig:
     inject_nan_steps: list[int] = field(default_factory=list)  # testing the fault path only
 
 
+SCHEDULE_STRATEGIES = ("fixed", "atoms", "balanced", "budget")
+
+
+@dataclass
+class ScheduleConfig:
+    """How each step's draws are split over the ranks (docs/load_balancing.md)."""
+
+    strategy: str = "fixed"             # "fixed" (d % world), "atoms" (LPT on atoms), "balanced", "budget"
+    window_steps: int = 32              # balanced/budget: steps planned together from one window of draws
+    max_atoms_per_rank: Optional[int] = None  # memory caps (balanced/budget); None = unlimited
+    max_edges_per_rank: Optional[int] = None  # in stored edges (the datasets' manifest cutoff)
+    cost_model: str = "auto"            # "auto" (<run-dir>/cost_model.json, else built-in), "builtin:NAME", or a
+                                        # JSON file from `lamm-ds calibrate`
+    coefficients: list[float] = field(default_factory=list)  # [atoms, edges, graphs, const] seconds; overrides
+    plan_ranks: Optional[int] = None    # plan for this many ranks (a multiple of the world size); default: world
+
+    def __post_init__(self) -> None:
+        if self.strategy not in SCHEDULE_STRATEGIES:
+            raise ValueError(f"schedule.strategy must be one of {SCHEDULE_STRATEGIES}, got {self.strategy!r}")
+        if self.window_steps < 1:
+            raise ValueError(f"schedule.window_steps must be >= 1, got {self.window_steps}")
+        for name in ("max_atoms_per_rank", "max_edges_per_rank", "plan_ranks"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"schedule.{name} must be >= 1 or null, got {v}")
+        if self.coefficients and (len(self.coefficients) != 4 or any(c < 0 for c in self.coefficients)):
+            raise ValueError("schedule.coefficients must be 4 non-negative numbers [atoms, edges, graphs, const], "
+                             f"got {self.coefficients}")
+
+
 @dataclass
 class RunConfig:
     seed: int = 0
@@ -79,6 +112,8 @@ class RunConfig:
     log_every: int = 10
     denoise_unlabelled: bool = True     # train unlabelled structures through denoising labelling
     model: PaiNNConfig = field(default_factory=PaiNNConfig)
+    model_kind: str = "painn"           # "painn" (section `model`) or "equiformer_v2" (section `equiformer_v2`)
+    equiformer_v2: EquiformerV2Config = field(default_factory=EquiformerV2Config)
     loss: LossConfig = field(default_factory=LossConfig)
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -88,6 +123,16 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        if self.model_kind not in MODEL_KINDS:
+            raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {self.model_kind!r}")
+
+
+def model_config(cfg: "RunConfig"):
+    """The config section of the selected model kind (``cfg.model`` or ``cfg.equiformer_v2``)."""
+    return cfg.equiformer_v2 if cfg.model_kind == "equiformer_v2" else cfg.model
 
 
 class ConfigError(ValueError):

@@ -1,9 +1,10 @@
 """DeepSpeed pre-training and fine-tuning (``launch/pretrain.py``, ``launch/finetune.py``).
 
 The same script runs under ``deepspeed`` (single or multi-node), ``torchrun`` and plain ``python``.
-One optimiser step consumes the next ``data.batch_size`` draws of the mixture stream, split over
-the ranks; every rank computes its share from (seed, step) alone, so no sampler state needs to be
-communicated and a resumed run continues with exactly the draws it would have seen.
+One optimiser step consumes ``data.batch_size`` draws of the mixture stream, split over the ranks
+by the scheduler (``schedule.strategy``; lamm_ds/scheduler, docs/load_balancing.md); every rank
+computes its share from (seed, step) alone, so no sampler state needs to be communicated and a
+resumed run continues with exactly the draws it would have seen.
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lamm_ds.engine.config import RunConfig, load_config, to_yaml
-from lamm_ds.engine.data import fit_stats, open_datasets, plan_step
+from lamm_ds.engine.config import RunConfig, load_config, model_config, to_yaml
+from lamm_ds.engine.data import fit_stats, open_datasets
 from lamm_ds.engine.evaluate import evaluate, load_structures
-from lamm_ds.engine.export import export_model, load_model
+from lamm_ds.engine.export import build_potential, export_model, load_model
+from lamm_ds.engine.schedule import build_scheduler, check_edge_basis, resolve_cost_model, save_run_cost_model
 from lamm_ds.engine.trainer import lr_factor, prepare_batch
 from lamm_ds.graphs import GraphDataset, collate
 from lamm_ds.loss import local_counts, per_dataset_metrics, summarize_per_dataset, universal_loss
 from lamm_ds.mixture import MixtureStream
 from lamm_ds.model.potential import Potential
+from lamm_ds.scheduler import StepScheduler, rank_slice
 
 log = logging.getLogger("lamm_ds")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -89,22 +92,33 @@ def setup_distributed(timeout_s: int) -> tuple[int, int, torch.device]:
 
 
 class RankStepBatches(torch.utils.data.Dataset):
-    """Item ``s``: (epoch, this rank's batch of step ``s``). Draw ``d`` of a step goes to rank
-    ``d % world`` (the fixed-count split; the load-balancing scheduler replaces this)."""
+    """Item ``s``: (epoch, this rank's batch of step ``s``, predicted seconds of every rank (world,)).
 
-    def __init__(self, graphs: GraphDataset, stream: MixtureStream, epoch_length: int, batch_size: int,
-                 rank: int, world: int):
-        self.graphs, self.stream, self.epoch_length = graphs, stream, epoch_length
-        self.batch_size, self.rank, self.world = batch_size, rank, world
+    The split of a step's draws over ranks is the scheduler's plan (``schedule.strategy``; "fixed":
+    draw ``d`` goes to rank ``d % world``). With ``schedule.plan_ranks = P > world`` the plan is
+    made for P ranks and real rank r runs plan slots ``[r*P/world, (r+1)*P/world)`` concatenated."""
+
+    def __init__(self, graphs: GraphDataset, scheduler: StepScheduler, rank: int, world: int):
+        self.graphs, self.scheduler, self.rank, self.world = graphs, scheduler, rank, world
+        self.slots = rank_slice(scheduler.ranks, world, rank)
+        self.per = scheduler.ranks // world
 
     def __len__(self) -> int:
         return 2**62
 
     def __getitem__(self, step: int):
-        epoch, positions, ks, idx = plan_step(self.stream, self.epoch_length, step, self.batch_size)
-        mine = slice(self.rank, None, self.world)
-        samples = [self.graphs[(int(k), int(i), int(p))] for k, i, p in zip(ks[mine], idx[mine], positions[mine])]
-        return epoch, collate(samples)
+        plan = self.scheduler.plan(step)
+        mine = (plan.rank >= self.slots.start) & (plan.rank < self.slots.stop)
+        samples = [self.graphs[(int(k), int(i), int(p))]
+                   for k, i, p in zip(plan.ks[mine], plan.idx[mine], plan.positions[mine])]
+        if self.per == 1:
+            predicted = plan.predicted
+        else:  # real rank = consecutive plan slots in one micro-batch
+            real = plan.rank // self.per
+            predicted = self.scheduler.cost_model.batch_cost(
+                np.bincount(real, plan.natoms, self.world), np.bincount(real, plan.nedges, self.world),
+                np.bincount(real, minlength=self.world))
+        return plan.epoch, collate(samples), torch.as_tensor(np.asarray(predicted, dtype=np.float64))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,9 +280,10 @@ def build_or_init_model(cfg: RunConfig, datasets, rank: int) -> Potential:
     """A fresh model, or (fine-tuning) a pre-trained one with heads added for new datasets."""
     ft = cfg.finetune
     if ft.init is None:
-        stats = {d.name: fit_stats(d, cfg.model.max_z, cfg.data.stats_samples, cfg.seed) for d in datasets}
+        mcfg = model_config(cfg)
+        stats = {d.name: fit_stats(d, mcfg.max_z, cfg.data.stats_samples, cfg.seed) for d in datasets}
         torch.manual_seed(cfg.seed)
-        return Potential(cfg.model, [d.name for d in datasets], stats)
+        return build_potential(cfg.model_kind, mcfg, [d.name for d in datasets], stats)
     model = load_pretrained(ft.init)
     for d in datasets:
         if d.name not in model.dataset_names:
@@ -363,19 +378,32 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     # One process generates the demo data (file lock inside); the others wait at the barrier.
+    # Rank 0 also records the cost model the plans use (read back by every rank, and on resume).
     if rank == 0:
         datasets = open_datasets(cfg.data.datasets, cfg.data.demo_dir)
+        save_run_cost_model(resolve_cost_model(cfg, run_dir), run_dir)
     dist.barrier()
     if rank != 0:
         datasets = open_datasets(cfg.data.datasets, None)
-    if cfg.data.batch_size < world:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} is smaller than the {world} ranks")
+    cost_model = resolve_cost_model(cfg, run_dir)
+    if rank == 0:
+        check_edge_basis(cost_model, datasets)
+    plan_ranks = cfg.schedule.plan_ranks or world
+    if plan_ranks % world:
+        raise ValueError(f"schedule.plan_ranks={plan_ranks} must be a multiple of the world size {world}")
+    if cfg.data.batch_size < plan_ranks:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is smaller than the {plan_ranks} ranks")
     model = build_or_init_model(cfg, datasets, rank)
     names = [d.name for d in datasets]
     ds_ids = torch.tensor([model.dataset_index(n) for n in names])
     ds_config = deepspeed_config(cfg, world)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    if (ds_config.get("zero_optimization") or {}).get("stage", 0) == 3 and \
+            getattr(model.cfg, "forces", "direct") == "conservative":
+        raise ValueError(f"{cfg.deepspeed_config}: ZeRO stage 3 cannot train conservative forces (DeepSpeed "
+                         "fails on the double backward through partitioned parameters); use ZeRO 0-2, or "
+                         "model forces=direct")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     start_step = 0
@@ -395,10 +423,25 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
         (run_dir / "environment.json").write_text(json.dumps(_environment(world), indent=2))
     graphs = GraphDataset(datasets, model.cfg.cutoff, model.cfg.max_neighbors)
     stream = MixtureStream([len(d) for d in datasets], cfg.data.temperature, cfg.seed, cfg.data.epoch_length)
-    epoch_length = len(stream.epoch(0))
+    scheduler = build_scheduler(cfg, datasets, stream, plan_ranks, cost_model)
     loader = torch.utils.data.DataLoader(
-        RankStepBatches(graphs, stream, epoch_length, cfg.data.batch_size, rank, world), batch_size=None,
+        RankStepBatches(graphs, scheduler, rank, world), batch_size=None,
         sampler=range(start_step, cfg.max_steps), num_workers=cfg.data.num_workers)
+    # Time spent inside DeepSpeed's gradient all-reduce (waiting for the slowest rank + transfer);
+    # busy time = step time minus the collectives. With ZeRO-2/3 part of the reduction runs in
+    # backward hooks and is counted as busy.
+    comm = {"allreduce": 0.0}
+    if hasattr(engine, "allreduce_gradients"):
+        _allreduce = engine.allreduce_gradients
+
+        def _timed_allreduce(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return _allreduce(*args, **kwargs)
+            finally:
+                comm["allreduce"] += time.perf_counter() - t
+
+        engine.allreduce_gradients = _timed_allreduce
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -418,19 +461,23 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
         metrics_file = open(metrics_path, "w")
         metrics_file.writelines(line + "\n" for line in kept)
     try:
-        for step, (epoch, batch) in zip(range(start_step, cfg.max_steps), loader):
+        for step, (epoch, batch, predicted) in zip(range(start_step, cfg.max_steps), loader):
             t0 = time.perf_counter()
             batch = batch.replace(dataset_id=ds_ids[batch.dataset_id])
             batch = prepare_batch(batch, cfg, epoch).to(device, float_dtype)
+            t_sync = time.perf_counter()
             counts = local_counts(batch).to(device)
             dist.all_reduce(counts)
+            t_sync = time.perf_counter() - t_sync
             out = engine(batch)
             loss, metrics = universal_loss(out, batch, cfg.loss, global_counts=counts, world_size=world)
             if step in cfg.faults.inject_nan_steps:
                 loss = loss * float("nan")
             finite = torch.tensor([float(torch.isfinite(loss).item())], device=device)
             flags = [torch.zeros_like(finite) for _ in range(world)]
+            t1 = time.perf_counter()
             dist.all_gather(flags, finite)
+            t_sync += time.perf_counter() - t1
             bad_ranks = [r for r, f in enumerate(flags) if f.item() == 0]
             if bad_ranks:
                 bad_streak += 1
@@ -446,13 +493,17 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
                 bar.update(1)
                 continue
             bad_streak = 0
+            comm["allreduce"] = 0.0
             engine.backward(loss)
             manual_norm = None
             if engine.zero_optimization_stage() == 0:  # DeepSpeed reports no norm at stage 0
                 grads = [p.grad.float().pow(2).sum() for p in engine.module.parameters() if p.grad is not None]
                 manual_norm = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
             engine.step()
-            step_time = torch.tensor([time.perf_counter() - t0], device=device)
+            elapsed = time.perf_counter() - t0
+            # per rank: step time, busy time (without collectives), all-reduce time, predicted time
+            step_time = torch.tensor([elapsed, elapsed - t_sync - comm["allreduce"], comm["allreduce"],
+                                      float(predicted[rank])], dtype=torch.float64, device=device)
             times = [torch.zeros_like(step_time) for _ in range(world)]
             dist.all_gather(times, step_time)
             sizes = torch.tensor([batch.num_graphs, batch.num_atoms, batch.num_edges], dtype=torch.float64,
@@ -462,8 +513,20 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
             dist.all_reduce(per_ds)
             loss_sum = loss.detach().clone()
             dist.all_reduce(loss_sum)
+            if rank == 0:
+                tt = torch.stack(times).cpu().numpy()
+                t, busy, allreduce, pred = tt[:, 0], tt[:, 1], tt[:, 2], tt[:, 3]
+                sched = {"predicted_imbalance": float(pred.max() / pred.mean()),
+                         "busy_imbalance": float(busy.max() / max(busy.mean(), 1e-12)),
+                         "allreduce_wait_frac": float(allreduce.mean() / max(t.mean(), 1e-12)),
+                         "predicted_step_s": float(pred.max()), "busy_max_s": float(busy.max())}
+                for k, v in sched.items():  # every step: the scheduler's telemetry
+                    writer.add_scalar(f"schedule/{k}", v, step)
+                if world <= 64:  # and per rank (larger worlds: every log_every steps, in the record below)
+                    for r in range(world):
+                        writer.add_scalar(f"schedule/rank{r}/predicted_s", float(pred[r]), step)
+                        writer.add_scalar(f"schedule/rank{r}/busy_s", float(busy[r]), step)
             if rank == 0 and (step % cfg.log_every == 0 or step == cfg.max_steps - 1):
-                t = torch.cat(times).cpu().numpy()
                 grad_norm = engine.get_global_grad_norm() if manual_norm is None else manual_norm
                 record = {"step": step, "loss": float(loss_sum) / world, "lr": engine.get_lr()[0],
                           "grad_norm": None if grad_norm is None else float(grad_norm),
@@ -471,8 +534,10 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
                           "samples_per_s": float(sizes[0] / t.max()), "atoms_per_s": float(sizes[1] / t.max()),
                           "edges_per_s": float(sizes[2] / t.max()), "step_time_max": float(t.max()),
                           "imbalance": float(t.max() / t.mean()), "memory_mb": _memory_mb(device),
-                          "skipped_steps": skipped,
+                          "skipped_steps": skipped, **sched,
                           **{f"rank{r}/step_time": float(x) for r, x in enumerate(t)},
+                          **{f"rank{r}/busy_s": float(x) for r, x in enumerate(busy)},
+                          **{f"rank{r}/predicted_s": float(x) for r, x in enumerate(pred)},
                           **{f"dataset/{k}": v for k, v in summarize_per_dataset(per_ds.cpu(), model.dataset_names).items()
                              if math.isfinite(v)}}
                 history.append(record)
@@ -491,7 +556,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
         summary = {"steps": cfg.max_steps, "start_step": start_step, "skipped_steps": skipped,
                    "world_size": world, "history": history}
         if rank == 0:
-            export = Potential(model.cfg, model.dataset_names)
+            export = type(model)(model.cfg, model.dataset_names)
             export.load_state_dict(state)
             summary["model_path"] = str(export_model(export, run_dir / "model.safetensors",
                                                      {"steps": cfg.max_steps, "world_size": world}))
