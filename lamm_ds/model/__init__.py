@@ -1,4 +1,4 @@
-"""Models: PaiNN backbone, dataset-aware heads, and the multi-dataset Potential."""
+"""Models: PaiNN (LaMM-S) and EquiformerV2 (LaMM-L) backbones, dataset-aware heads, the multi-dataset Potential."""
 
 from lamm_ds.model.heads import (
     DatasetStats,
@@ -9,14 +9,19 @@ from lamm_ds.model.heads import (
     fit_element_references,
     fit_normalization,
 )
+from lamm_ds.model.equiformer_v2 import PRESETS, EquiformerV2, EquiformerV2Config, EquiformerV2Potential
 from lamm_ds.model.painn import PaiNN, PaiNNConfig
 from lamm_ds.model.potential import Potential
 
 __all__ = [
     "DatasetStats",
     "DirectForceHead",
+    "EquiformerV2",
+    "EquiformerV2Config",
+    "EquiformerV2Potential",
     "EnergyHead",
     "GatedEquivariantBlock",
+    "PRESETS",
     "PaiNN",
     "PaiNNConfig",
     "Potential",
