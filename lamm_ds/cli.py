@@ -105,13 +105,13 @@ def _cmd_demo(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from lamm_ds import load_model
-    from lamm_ds.engine.evaluate import evaluate, load_structures, parity_plot
+    from lamm_ds.engine.evaluate import choose_head, evaluate, load_structures, parity_plot
 
     model = load_model(args.model)
     results = {}
     for source in args.data:
         name, structures = load_structures(source)
-        head = args.head or (name if name in model.dataset_names else model.dataset_names[0])
+        head = choose_head(model, name, args.head)
         res = evaluate(model, structures, head=head, batch_size=args.batch_size, return_predictions=True)
         preds = res.pop("predictions")
         res["head"] = head

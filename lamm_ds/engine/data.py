@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from lamm_ds.engine.config import DataConfig, DatasetConfig
+from lamm_ds.engine.config import DatasetConfig
 from lamm_ds.graphs import AtomsBatch, GraphDataset, collate
 from lamm_ds.mixture import MixtureStream
 from lamm_ds.model.heads import DatasetStats, fit_dataset_stats

@@ -32,10 +32,10 @@ import torch.distributed as dist
 
 from lamm_ds.engine.config import RunConfig, load_config, model_config, to_yaml
 from lamm_ds.engine.data import fit_stats, open_datasets
-from lamm_ds.engine.evaluate import evaluate, load_structures
+from lamm_ds.engine.evaluate import evaluate_entries
 from lamm_ds.engine.export import build_potential, export_model, load_model
 from lamm_ds.engine.schedule import build_scheduler, check_edge_basis, resolve_cost_model, save_run_cost_model
-from lamm_ds.engine.trainer import lr_factor, prepare_batch
+from lamm_ds.engine.trainer import log_evaluation, lr_factor, prepare_batch
 from lamm_ds.graphs import GraphDataset, collate
 from lamm_ds.loss import local_counts, per_dataset_metrics, summarize_per_dataset, universal_loss
 from lamm_ds.mixture import MixtureStream
@@ -560,14 +560,8 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
             export.load_state_dict(state)
             summary["model_path"] = str(export_model(export, run_dir / "model.safetensors",
                                                      {"steps": cfg.max_steps, "world_size": world}))
-            evaluation = {}
-            for entry in cfg.eval_datasets:
-                _, structures = load_structures(entry.path)
-                head = entry.head or (entry.name if entry.name in export.dataset_names else export.dataset_names[0])
-                evaluation[entry.name] = evaluate(export, structures, head=head)
-                for k, v in evaluation[entry.name].items():
-                    if isinstance(v, float) and math.isfinite(v):
-                        writer.add_scalar(f"eval/{entry.name}/{k}", v, cfg.max_steps)
+            evaluation = evaluate_entries(export, cfg.eval_datasets)
+            log_evaluation(writer, evaluation, cfg.max_steps)
             summary["evaluation"] = evaluation
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             log.info("finished %d steps on %d rank(s): model %s; TensorBoard: tensorboard --logdir %s",

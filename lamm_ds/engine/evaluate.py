@@ -26,6 +26,20 @@ def load_structures(source: str | Path) -> tuple[str, Sequence[Structure]]:
     return Path(source).stem, list(iter_source(Path(source), LabelKeys()))
 
 
+def choose_head(model: Potential, name: str, explicit: str | None = None) -> str:
+    """The energy head for a dataset: the explicit one, else the dataset's own name, else the first."""
+    return explicit or (name if name in model.dataset_names else model.dataset_names[0])
+
+
+def evaluate_entries(model: Potential, entries) -> dict[str, dict]:
+    """:func:`evaluate` for each configured ``DatasetConfig`` (name, path, optional head)."""
+    results = {}
+    for entry in entries:
+        _, structures = load_structures(entry.path)
+        results[entry.name] = evaluate(model, structures, head=choose_head(model, entry.name, entry.head))
+    return results
+
+
 @torch.no_grad()
 def _predict(model, batch):
     return model(batch)

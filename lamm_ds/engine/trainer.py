@@ -14,14 +14,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from lamm_ds.denoise import apply_denoising
 from lamm_ds.engine.config import RunConfig, to_yaml
 from lamm_ds.engine.data import fit_stats, make_loader, open_datasets
-from lamm_ds.engine.evaluate import evaluate, load_structures
+from lamm_ds.engine.evaluate import evaluate_entries
 from lamm_ds.engine.export import export_model
 from lamm_ds.graphs import AtomsBatch, GraphDataset
 from lamm_ds.loss import per_dataset_metrics, summarize_per_dataset, universal_loss
@@ -39,6 +38,14 @@ def lr_factor(step: int, cfg: RunConfig) -> float:
     span = max(1, cfg.max_steps - o.warmup_steps)
     t = min(1.0, (step - o.warmup_steps) / span)
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def log_evaluation(writer, evaluation: dict[str, dict], step: int) -> None:
+    """Finite scalar metrics of each evaluated dataset to TensorBoard under eval/<name>/."""
+    for name, metrics in evaluation.items():
+        for k, v in metrics.items():
+            if isinstance(v, float) and math.isfinite(v):
+                writer.add_scalar(f"eval/{name}/{k}", v, step)
 
 
 def prepare_batch(batch: AtomsBatch, cfg: RunConfig, epoch: int) -> AtomsBatch:
@@ -130,14 +137,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, progress: bool = True, mod
             bar.update(1)
     writer.flush()
     model_path = export_model(model, run_dir / "model.safetensors", {"steps": cfg.max_steps})
-    evaluation = {}
-    for entry in cfg.eval_datasets:
-        _, structures = load_structures(entry.path)
-        head = entry.head or (entry.name if entry.name in model.dataset_names else model.dataset_names[0])
-        evaluation[entry.name] = evaluate(model, structures, head=head)
-        for k, v in evaluation[entry.name].items():
-            if isinstance(v, float) and np.isfinite(v):
-                writer.add_scalar(f"eval/{entry.name}/{k}", v, cfg.max_steps)
+    evaluation = evaluate_entries(model, cfg.eval_datasets)
+    log_evaluation(writer, evaluation, cfg.max_steps)
     writer.close()
     if evaluation:
         (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
