@@ -42,7 +42,7 @@ from torch import nn
 from lamm_ds.graphs.batch import AtomsBatch
 from lamm_ds.model.heads import DatasetStats, StatsBuffers
 from lamm_ds.model.painn import PreciseBuffers, geometry_dtype
-from lamm_ds.model.potential import _MIN_VOLUME, Potential
+from lamm_ds.model.potential import Potential
 from lamm_ds.model.so3 import EdgeRotation, S2Grid, SO3Layout, SO3Linear, edge_frames, grid_silu, make_norm
 
 MODEL_KIND = "equiformer_v2"
@@ -522,66 +522,25 @@ class EquiformerV2Potential(Potential):
     def _stacked_offsets(self) -> torch.Tensor:
         return torch.stack([h.offset.energy_offset for h in self.heads.values()])
 
-    def forward(self, batch: AtomsBatch, return_features: bool = False) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        conservative = cfg.forces == "conservative"
-        want_stress = conservative and cfg.stress
-        gdtype = geometry_dtype(batch.pos.dtype)
-        grad_on = torch.is_grad_enabled()
-        out: dict[str, torch.Tensor] = {}
-        with torch.set_grad_enabled(grad_on or conservative):
-            pos = batch.pos.to(gdtype)
-            cell = batch.cell.to(gdtype)
-            if conservative and not pos.requires_grad:
-                pos = pos.detach().requires_grad_(True)
-            pos_leaf = pos
-            with torch.autocast(device_type=pos.device.type, enabled=False):
-                if want_stress:
-                    strain = torch.zeros(batch.num_graphs, 3, 3, dtype=gdtype, device=pos.device, requires_grad=True)
-                    sym = 0.5 * (strain + strain.transpose(1, 2))
-                    pos = pos + torch.einsum("ni,nij->nj", pos, sym.index_select(0, batch.batch))
-                    cell = cell + torch.bmm(cell, sym)
-                    volume = torch.linalg.det(batch.cell.to(gdtype)).abs()
-                vectors = batch.edge_vectors(pos, cell)
-            x, ctx = self.backbone(batch, vectors, differentiable_frames=conservative)
+    # forward() is Potential's; these are the EquiformerV2-specific steps.
 
-            atom_ds = batch.dataset_id.index_select(0, batch.batch)
-            e_norm = self._atom_energy_norm(x, atom_ds).to(gdtype)
-            if cfg.energy_reduce == "sum":
-                e_norm = e_norm / cfg.avg_num_nodes
-            else:
-                e_norm = e_norm / batch.natoms.to(gdtype).index_select(0, batch.batch)
-            std = self._stacked("energy_std").to(gdtype)
-            mean = self._stacked("energy_mean").to(gdtype)
-            refs = self._stacked("references").to(gdtype)
-            fstd = self._stacked("force_std").to(gdtype)
-            offsets = self._stacked_offsets().to(gdtype)
-            atom_e = e_norm * std[atom_ds] + mean[atom_ds] + refs[atom_ds, batch.z]
-            energy = torch.zeros(batch.num_graphs, dtype=gdtype, device=pos.device).index_add(0, batch.batch, atom_e)
-            energy = energy + offsets[batch.dataset_id]
-            out["energy"] = energy
+    def _features(self, batch: AtomsBatch, vectors: torch.Tensor, conservative: bool, return_features: bool):
+        return self.backbone(batch, vectors, differentiable_frames=conservative)
 
-            if conservative:
-                inputs = [pos_leaf, strain] if want_stress else [pos_leaf]
-                grads = torch.autograd.grad(energy.sum(), inputs, create_graph=self.training and grad_on,
-                                            retain_graph=grad_on, allow_unused=True)
-                out["forces"] = -grads[0] if grads[0] is not None else torch.zeros_like(pos_leaf)
-                if want_stress:
-                    periodic = batch.pbc.any(dim=1) & (volume > _MIN_VOLUME)
-                    dstrain = grads[1] if grads[1] is not None else torch.zeros_like(strain)
-                    scale = torch.where(periodic, 1.0 / volume.clamp_min(_MIN_VOLUME), torch.zeros_like(volume))
-                    out["stress"] = dstrain * scale[:, None, None]
-            else:
-                f = self.force_head(x, ctx).to(gdtype)
-                out["forces"] = f * fstd[atom_ds].unsqueeze(-1)
+    def _normalised_atom_energy(self, feats, batch: AtomsBatch, atom_ds: torch.Tensor, gdtype) -> torch.Tensor:
+        e_norm = self._atom_energy_norm(feats[0], atom_ds).to(gdtype)
+        if self.cfg.energy_reduce == "sum":
+            return e_norm / self.cfg.avg_num_nodes
+        return e_norm / batch.natoms.to(gdtype).index_select(0, batch.batch)
 
-            out["energy_scale"] = std[batch.dataset_id]
-            out["force_scale"] = fstd[batch.dataset_id]
-            if return_features:
-                out["node_features"] = x
-        if not grad_on:
-            out = {k: t.detach() for k, t in out.items()}
-        return out
+    def _graph_energy_offset(self, batch: AtomsBatch, gdtype) -> torch.Tensor:
+        return self._stacked_offsets().to(gdtype)[batch.dataset_id]
+
+    def _direct_forces(self, feats) -> torch.Tensor:
+        return self.force_head(*feats)
+
+    def _feature_outputs(self, feats) -> dict[str, torch.Tensor]:
+        return {"node_features": feats[0]}
 
 
 def count_parameters(model: nn.Module) -> int:

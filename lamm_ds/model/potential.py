@@ -86,6 +86,24 @@ class Potential(nn.Module):
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return e_sorted.index_select(0, inverse)
 
+    # Backbone-specific steps of forward(); EquiformerV2Potential overrides them. ``feats`` is
+    # whatever the backbone returns (PaiNN: scalar and vector node features).
+
+    def _features(self, batch: AtomsBatch, vectors: torch.Tensor, conservative: bool, return_features: bool):
+        return self.backbone(batch, vectors, need_vectors=not conservative or return_features)
+
+    def _normalised_atom_energy(self, feats, batch: AtomsBatch, atom_ds: torch.Tensor, gdtype) -> torch.Tensor:
+        return self._atom_energy_norm(feats[0], atom_ds).to(gdtype)
+
+    def _graph_energy_offset(self, batch: AtomsBatch, gdtype) -> torch.Tensor | None:
+        return None
+
+    def _direct_forces(self, feats) -> torch.Tensor:
+        return self.force_head(*feats)
+
+    def _feature_outputs(self, feats) -> dict[str, torch.Tensor]:
+        return {"node_scalar": feats[0], "node_vector": feats[1]}
+
     def forward(self, batch: AtomsBatch, return_features: bool = False) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         conservative = cfg.forces == "conservative"
@@ -108,16 +126,19 @@ class Potential(nn.Module):
                     cell = cell + torch.bmm(cell, sym)
                     volume = torch.linalg.det(batch.cell.to(gdtype)).abs()
                 vectors = batch.edge_vectors(pos, cell)
-            s, v = self.backbone(batch, vectors, need_vectors=not conservative or return_features)
+            feats = self._features(batch, vectors, conservative, return_features)
 
             atom_ds = batch.dataset_id.index_select(0, batch.batch)
-            e_norm = self._atom_energy_norm(s, atom_ds).to(gdtype)
+            e_norm = self._normalised_atom_energy(feats, batch, atom_ds, gdtype)
             std = self._stacked("energy_std").to(gdtype)
             mean = self._stacked("energy_mean").to(gdtype)
             refs = self._stacked("references").to(gdtype)
             fstd = self._stacked("force_std").to(gdtype)
             atom_e = e_norm * std[atom_ds] + mean[atom_ds] + refs[atom_ds, batch.z]
             energy = torch.zeros(batch.num_graphs, dtype=gdtype, device=pos.device).index_add(0, batch.batch, atom_e)
+            offset = self._graph_energy_offset(batch, gdtype)
+            if offset is not None:
+                energy = energy + offset
             out["energy"] = energy
 
             if conservative:
@@ -133,13 +154,12 @@ class Potential(nn.Module):
                     scale = torch.where(periodic, 1.0 / volume.clamp_min(_MIN_VOLUME), torch.zeros_like(volume))
                     out["stress"] = dstrain * scale[:, None, None]
             else:
-                f = self.force_head(s, v).to(gdtype)
-                out["forces"] = f * fstd[atom_ds].unsqueeze(-1)
+                out["forces"] = self._direct_forces(feats).to(gdtype) * fstd[atom_ds].unsqueeze(-1)
 
             out["energy_scale"] = std[batch.dataset_id]
             out["force_scale"] = fstd[batch.dataset_id]
             if return_features:
-                out["node_scalar"], out["node_vector"] = s, v
+                out.update(self._feature_outputs(feats))
         if not grad_on:
             out = {k: t.detach() for k, t in out.items()}
         return out
