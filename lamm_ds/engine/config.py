@@ -119,6 +119,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_datasets: list[DatasetConfig] = field(default_factory=list)
+    eval_every: int = 0                 # also evaluate every N steps (and before step 0): eval_curve.jsonl
+    eval_max_structures: int = 0        # structures per set in those evaluations (evenly spaced; 0: all)
     deepspeed_config: str = "ds_configs/cpu_demo.json"  # relative paths: from the repository root
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -128,6 +130,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.model_kind not in MODEL_KINDS:
             raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {self.model_kind!r}")
+        if self.eval_every < 0 or self.eval_max_structures < 0:
+            raise ValueError(f"eval_every and eval_max_structures must be >= 0, got {self.eval_every} and "
+                             f"{self.eval_max_structures}")
+        if self.eval_every and not self.eval_datasets:
+            raise ValueError(f"eval_every={self.eval_every} needs eval_datasets to evaluate on")
 
 
 def model_config(cfg: "RunConfig"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import copy
 import hashlib
 import importlib
 import json
@@ -35,7 +36,7 @@ from lamm_ds.engine.data import fit_stats, open_datasets
 from lamm_ds.engine.evaluate import evaluate_entries
 from lamm_ds.engine.export import build_potential, export_model, load_model
 from lamm_ds.engine.schedule import build_scheduler, check_edge_basis, resolve_cost_model, save_run_cost_model
-from lamm_ds.engine.trainer import log_evaluation, lr_factor, prepare_batch
+from lamm_ds.engine.trainer import EvalCurve, log_evaluation, lr_factor, prepare_batch
 from lamm_ds.graphs import GraphDataset, collate
 from lamm_ds.loss import local_counts, per_dataset_metrics, summarize_per_dataset, universal_loss
 from lamm_ds.mixture import MixtureStream
@@ -404,6 +405,10 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
         raise ValueError(f"{cfg.deepspeed_config}: ZeRO stage 3 cannot train conservative forces (DeepSpeed "
                          "fails on the double backward through partitioned parameters); use ZeRO 0-2, or "
                          "model forces=direct")
+    if cfg.eval_every and (ds_config.get("zero_optimization") or {}).get("stage", 0) == 3:
+        raise ValueError(f"eval_every={cfg.eval_every}: evaluation during training needs whole parameters on "
+                         f"rank 0, which ZeRO stage 3 ({cfg.deepspeed_config}) partitions; use ZeRO 0-2 or "
+                         "eval_every=0 (the final evaluation still runs)")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     start_step = 0
@@ -448,6 +453,24 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
 
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step)
     float_dtype = torch.float32
+    curve = EvalCurve(cfg, model.cfg, run_dir, writer) if rank == 0 else None
+
+    def record_curve(steps_done: int) -> None:
+        """Rank 0 evaluates (an fp32 view of) the module while the others wait at the barrier."""
+        if not EvalCurve.is_due(cfg, steps_done):
+            return
+        if curve is not None:
+            module = engine.module
+            if next(module.parameters()).dtype != torch.float32:
+                module = copy.deepcopy(module).float()
+            curve.record(module, steps_done)
+            engine.module.train()
+        dist.barrier()
+
+    if start_step == 0 and cfg.eval_every:
+        if curve is not None:
+            curve.path.unlink(missing_ok=True)
+        record_curve(0)
     bad_streak, skipped, history = 0, 0, []
     tag = latest_tag(ckpt_root) if resume else None
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (progress and rank == 0), desc="pretrain",
@@ -548,6 +571,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
                         writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
             bar.update(1)
+            record_curve(step + 1)
             last = step == cfg.max_steps - 1
             if last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
                 tag = save_checkpoint(engine, ckpt_root, step, cfg.checkpoint.keep_last, rank, world)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +43,77 @@ def evaluate_entries(model: Potential, entries) -> dict[str, dict]:
     return results
 
 
+@dataclass
+class PreparedEvalSet:
+    """An evaluation set read and turned into graphs once, for repeated evaluation during training."""
+
+    name: str
+    head: str | None
+    structures: list
+    samples: list
+    cutoff: float
+    max_neighbors: int | None
+
+    def evaluate(self, model: Potential, batch_size: int = 32) -> dict:
+        if (model.cfg.cutoff, model.cfg.max_neighbors) != (self.cutoff, self.max_neighbors):
+            raise ValueError(f"evaluation set {self.name!r} was prepared at cutoff {self.cutoff} / max_neighbors "
+                             f"{self.max_neighbors}, the model uses {model.cfg.cutoff} / {model.cfg.max_neighbors}")
+        head = choose_head(model, self.name, self.head)
+        return evaluate(model, self.structures, head=head, batch_size=batch_size, samples=self.samples)
+
+
+def prepare_eval_sets(entries, cutoff: float, max_neighbors: int | None,
+                      max_structures: int = 0) -> list[PreparedEvalSet]:
+    """Read each configured evaluation set once and build its neighbour lists.
+
+    ``max_structures > 0`` keeps that many structures, evenly spaced over the file (a fixed subset,
+    so successive evaluations are comparable); 0 keeps all.
+    """
+    out = []
+    for entry in entries:
+        _, structures = load_structures(entry.path)
+        keep = np.arange(len(structures))
+        if 0 < max_structures < len(structures):
+            keep = np.unique(np.linspace(0, len(structures) - 1, max_structures).round().astype(int))
+        chosen = [structures[int(k)] for k in keep]
+        samples = [build_sample(s, cutoff, max_neighbors) for s in chosen]
+        out.append(PreparedEvalSet(entry.name, entry.head, chosen, samples, cutoff, max_neighbors))
+    return out
+
+
+def evaluate_prepared(model: Potential, sets: list[PreparedEvalSet]) -> dict[str, dict]:
+    return {s.name: s.evaluate(model) for s in sets}
+
+
+def append_curve_point(path: str | Path, step: int, evaluation: dict[str, dict]) -> None:
+    """One line of ``eval_curve.jsonl``: the step (optimiser steps done) and each set's metrics."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"step": int(step), **evaluation}) + "\n")
+
+
+def read_curve(path: str | Path) -> list[dict]:
+    """The points of an ``eval_curve.jsonl``, in step order (a later line for a step wins)."""
+    points: dict[int, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            points[int(rec["step"])] = rec
+    return [points[k] for k in sorted(points)]
+
+
 @torch.no_grad()
 def _predict(model, batch):
     return model(batch)
 
 
 def evaluate(model: Potential, structures: Sequence[Structure], head: str, batch_size: int = 16,
-             return_predictions: bool = False) -> dict:
-    """MAE/RMSE of energy (eV per structure and eV/atom) and forces (eV/Å per component)."""
+             return_predictions: bool = False, samples: Sequence | None = None) -> dict:
+    """MAE/RMSE of energy (eV per structure and eV/atom) and forces (eV/Å per component).
+
+    ``samples``: graphs already built for ``structures`` at the model's cutoff (any dataset id).
+    """
+    if samples is not None and len(samples) != len(structures):
+        raise ValueError(f"{len(samples)} prepared graphs for {len(structures)} structures")
     was_training = model.training
     model.eval()
     cfg = model.cfg
@@ -60,7 +126,12 @@ def evaluate(model: Potential, structures: Sequence[Structure], head: str, batch
     n = len(structures)
     for start in range(0, n, batch_size):
         chunk = [structures[k] for k in range(start, min(n, start + batch_size))]
-        batch = collate([build_sample(s, cfg.cutoff, cfg.max_neighbors, dataset_id) for s in chunk], dtype)
+        if samples is None:
+            graphs = [build_sample(s, cfg.cutoff, cfg.max_neighbors, dataset_id) for s in chunk]
+        else:
+            graphs = [dataclasses.replace(samples[k], dataset_id=dataset_id)
+                      for k in range(start, min(n, start + batch_size))]
+        batch = collate(graphs, dtype)
         batch = batch.to(device)
         out = _predict(model, batch)  # conservative models enable grad for -dE/dx themselves
         energy = out["energy"].detach().double().cpu()

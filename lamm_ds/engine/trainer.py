@@ -48,6 +48,43 @@ def log_evaluation(writer, evaluation: dict[str, dict], step: int) -> None:
                 writer.add_scalar(f"eval/{name}/{k}", v, step)
 
 
+class EvalCurve:
+    """Evaluation every ``cfg.eval_every`` optimiser steps (and before the first): the learning curve.
+
+    The sets are read and turned into graphs once. Each point goes to ``<run_dir>/eval_curve.jsonl``
+    and to TensorBoard under ``curve/<set>/<metric>`` (x = optimiser steps done).
+    """
+
+    def __init__(self, cfg: RunConfig, model_cfg, run_dir: Path, writer) -> None:
+        self.every, self.max_steps = cfg.eval_every, cfg.max_steps
+        self.path, self.writer = Path(run_dir) / "eval_curve.jsonl", writer
+        self.sets = []
+        if self.every:
+            from lamm_ds.engine.evaluate import prepare_eval_sets
+
+            self.sets = prepare_eval_sets(cfg.eval_datasets, model_cfg.cutoff, model_cfg.max_neighbors,
+                                          cfg.eval_max_structures)
+
+    @staticmethod
+    def is_due(cfg: RunConfig, steps_done: int) -> bool:
+        return bool(cfg.eval_every) and (steps_done % cfg.eval_every == 0 or steps_done == cfg.max_steps)
+
+    def due(self, steps_done: int) -> bool:
+        return bool(self.every) and (steps_done % self.every == 0 or steps_done == self.max_steps)
+
+    def record(self, model, steps_done: int) -> dict:
+        from lamm_ds.engine.evaluate import append_curve_point, evaluate_prepared
+
+        evaluation = evaluate_prepared(model, self.sets)
+        append_curve_point(self.path, steps_done, evaluation)
+        for name, metrics in evaluation.items():
+            for k, v in metrics.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self.writer.add_scalar(f"curve/{name}/{k}", v, steps_done)
+        self.writer.flush()
+        return evaluation
+
+
 def prepare_batch(batch: AtomsBatch, cfg: RunConfig, epoch: int) -> AtomsBatch:
     """Denoising pseudo-labels for unlabelled graphs (and, with a probability, labelled ones)."""
     if cfg.denoise_unlabelled:
@@ -95,6 +132,10 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, progress: bool = True, mod
     writer = SummaryWriter(str(run_dir / "tb"))
     history = []
     loader = make_loader(graphs, stream, epoch_length, cfg.data.batch_size, 0, cfg.max_steps, cfg.data.num_workers)
+    curve = EvalCurve(cfg, model.cfg, run_dir, writer)
+    if curve.due(0):
+        curve.path.unlink(missing_ok=True)
+        curve.record(model, 0)
     model.train()
     t_last = time.perf_counter()
     window = {"samples": 0, "atoms": 0, "edges": 0}
@@ -135,6 +176,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, progress: bool = True, mod
                         writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
             bar.update(1)
+            if curve.due(step + 1):
+                curve.record(model, step + 1)
     writer.flush()
     model_path = export_model(model, run_dir / "model.safetensors", {"steps": cfg.max_steps})
     evaluation = evaluate_entries(model, cfg.eval_datasets)
