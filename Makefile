@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lamm-ds-installed
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test experiment clean-demo
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ export OMP_NUM_THREADS
 demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/deepspeed --num_gpus $(NPROC) launch/pretrain.py --run-dir runs/demo
+
+# The end-to-end pre-train -> fine-tune experiment (issue 7; docs/results.md): ~45-60 min on 2 CPU cores.
+experiment: $(STAMP)
+	$(BIN)/python bench/pretrain_finetune.py
 
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
