@@ -2,8 +2,8 @@
 """End-to-end LaMM evidence: pre-train a small LaMM-S on a joint mixture, then fine-tune on small
 acetylacetone sets and compare with training from scratch at the same step budget (issue 7).
 
-    .venv/bin/python bench/pretrain_finetune.py [--config configs/experiments/pretrain_finetune.yaml]
-                     [--main-only] [--no-publish] [--quiet] [key=value ...]
+    .venv/bin/python bench/pretrain_finetune.py [--config configs/experiments/pretrain_finetune.yaml
+                     [--config configs/experiments/pretrain_finetune_controls.yaml]] [--main-only] [--no-publish] [--quiet] [key=value ...]
 
 Overrides address the experiment config (lamm_ds/experiments/pretrain_finetune.py), e.g.
 ``sizes=[50]`` or ``finetune_overrides=[max_steps=200]``. Finished runs are reused (same command),
@@ -27,14 +27,17 @@ from lamm_ds.experiments.pretrain_finetune import load_experiment_config, run_ex
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs/experiments/pretrain_finetune.yaml"))
+    p.add_argument("--config", action="append", default=None,
+                   help="experiment YAML (repeatable, merged in order; default "
+                        "configs/experiments/pretrain_finetune.yaml)")
     p.add_argument("--main-only", action="store_true", help="the main variant only (no ablations)")
     p.add_argument("--no-publish", action="store_true",
                    help="leave bench/results and docs/img alone (results stay in out_dir)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    cfg = load_experiment_config([args.config], args.overrides)
+    cfg = load_experiment_config(args.config or [str(ROOT / "configs/experiments/pretrain_finetune.yaml")],
+                                 args.overrides)
     publish = None if args.no_publish else (ROOT / "bench/results/pretrain_finetune.json", ROOT / "docs/img")
     res = run_experiment(cfg, include_ablations=not args.main_only, progress=not args.quiet, publish=publish)
     clean = res.get("clean_total_wall_s")

@@ -117,7 +117,7 @@ def test_end_to_end_at_toy_scale(shared_data, demo_data, tmp_path):
     (balanced scheduler, denoising), fine-tune and scratch runs side by side, curves, report, reuse."""
     out, data = tmp_path / "out", tmp_path / "data"
     args = [f"out_dir={out}", f"data_dir={data}", f"demo_dir={demo_data['demo_metals'].parent}",
-            f"shared_data={shared_data}", "sizes=[4,8]", "ablation_sizes=[4]",
+            f"shared_data={shared_data}", "sizes=[4,8]", "ablation_sizes=[4]", "extra_seeds=[5]", "seed_sizes=[4]",
             "variants=[{name: main, description: toy}, {name: no_unlabelled, drop_datasets: [demo_molecules]}]",
             f"pretrain_overrides=[max_steps=3,checkpoint.every=0,{','.join(TINY_MODEL)}]",
             f"finetune_overrides=[max_steps=4,eval_every=2,eval_max_structures=6,data.batch_size=4,"
@@ -128,10 +128,12 @@ def test_end_to_end_at_toy_scale(shared_data, demo_data, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert list(figures)[0] == "force_mae_ratio_300K_n4" and figures["runs"] == 7
+    assert list(figures)[0] == "force_mae_ratio_300K_n4" and figures["runs"] == 9
     res = json.loads((out / "results.json").read_text())
     assert set(res["runs"]) == {"scratch_n4", "scratch_n8", "finetune_main_n4", "finetune_main_n8",
-                                "finetune_no_unlabelled_n4"}
+                                "finetune_no_unlabelled_n4", "scratch_n4_seed5", "finetune_main_n4_seed5"}
+    assert res["runs"]["scratch_n4_seed5"]["seed"] == 5
+    assert "seed: 5" in (out / "finetune_main_n4_seed5" / "config.yaml").read_text()
     assert set(res["pretrain"]) == {"main", "no_unlabelled"}
     # nested subsets, ingested as given
     subsets = json.loads((data / "subsets.json").read_text())["subsets"]
@@ -162,9 +164,11 @@ def test_end_to_end_at_toy_scale(shared_data, demo_data, tmp_path):
     # the pre-trained model at step 0 already differs from a fresh one
     assert res["runs"]["finetune_main_n4"]["curve"]["acac_test_MD_300K"]["forces_mae"][0] != \
         res["runs"]["scratch_n4"]["curve"]["acac_test_MD_300K"]["forces_mae"][0]
-    for f in ("report.md", "learning_curves_forces.png", "learning_curves_energy.png"):
+    for f in ("report.md", "learning_curves_forces.png", "learning_curves_energy.png", "ablation_curves_forces.png"):
         assert (out / f).stat().st_size > 0, f
-    assert "| 4 | pre-trained: main | acac_test_MD_300K |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| 4 | pre-trained: main | acac_test_MD_300K |" in report
+    assert "| 4 | pre-trained: main | 2 |" in report  # the seed aggregate: config seed + seed 5
     # a second invocation reuses every finished run
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

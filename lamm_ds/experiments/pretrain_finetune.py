@@ -78,6 +78,11 @@ class ExperimentConfig:
     test_files: list[str] = field(default_factory=lambda: ["acac/test_MD_300K.xyz", "acac/test_MD_600K.xyz"])
     curve_sets: list[str] = field(default_factory=lambda: ["acac_test_MD_300K", "acac_test_MD_600K"])
     target_set: str = "acac_test_MD_300K"       # for "steps to reach the scratch model's final force error"
+    # Pre-trained models are also evaluated on these (dataset directory, or file under shared_data)
+    # with the given head: how well pre-training fitted the data closest to the target chemistry.
+    probe_sets: list[dict] = field(default_factory=lambda: [
+        {"name": "3bpa_train_300K", "path": "@data/3bpa", "head": "3bpa"},
+        {"name": "3bpa_train_mixedT", "path": "3bpa/train_mixedT.xyz", "head": "3bpa"}])
     extra_seeds: list[int] = field(default_factory=list)  # seed controls: scratch + main fine-tune again
     seed_sizes: list[int] = field(default_factory=list)   # ... at these sizes, with `seed=S`
 
@@ -426,6 +431,31 @@ def _curve(run_dir: Path, sets: list[str]) -> dict:
     return curve
 
 
+def probe_pretrained(cfg: ExperimentConfig, run_dir: Path) -> dict:
+    """Errors of a pre-trained model on ``cfg.probe_sets`` (cached in ``probe.json`` beside the model)."""
+    from lamm_ds.engine.evaluate import evaluate, load_structures
+    from lamm_ds.engine.export import load_model
+
+    model_file = run_dir / "model.safetensors"
+    cache = run_dir / "probe.json"
+    stamp = {"model_mtime_ns": model_file.stat().st_mtime_ns, "sets": cfg.probe_sets}
+    if cache.is_file():
+        old = json.loads(cache.read_text())
+        if old.get("stamp") == stamp:
+            return old["results"]
+    model = load_model(model_file)
+    results = {}
+    for probe in cfg.probe_sets:
+        path = probe["path"]
+        path = _path(cfg.data_dir) / path[len("@data/"):] if path.startswith("@data/") else _path(cfg.shared_data) / path
+        if probe["head"] not in model.dataset_names:
+            continue  # e.g. a variant pre-trained without that dataset
+        _, structures = load_structures(path)
+        results[probe["name"]] = evaluate(model, structures, head=probe["head"], batch_size=32)
+    cache.write_text(json.dumps({"stamp": stamp, "results": results}))
+    return results
+
+
 def steps_to_reach(steps: list[int], values: list[float], target: float) -> Optional[int]:
     """First evaluated step whose value is at or below ``target`` (None: never reached)."""
     for s, v in zip(steps, values):
@@ -453,6 +483,7 @@ def collect(cfg: ExperimentConfig, runs: list[RunSpec], status: dict[str, dict])
             entry["last_record"] = {k: v for k, v in hist[-1].items() if k.startswith("dataset/")
                                     or k in ("loss", "imbalance", "predicted_imbalance", "busy_imbalance")}
         if spec.stage == "pretrain":
+            entry["probe"] = probe_pretrained(cfg, spec.run_dir)
             for key in ("imbalance", "busy_imbalance", "predicted_imbalance"):
                 vals = [h[key] for h in hist if h.get(key) is not None]
                 entry[f"mean_{key}"] = float(np.mean(vals)) if vals else None
@@ -507,55 +538,66 @@ def _label(variant: str, cfg_variants: list[dict]) -> str:
 
 
 def plot_curves(res: dict, out_dir: Path, main: str) -> list[Path]:
-    """Learning curves (force and energy MAE vs fine-tuning steps), one PNG per metric."""
+    """Learning curves against fine-tuning steps: force and energy MAE of scratch vs the main
+    pre-trained model (extra seeds as thin lines), and the force MAE of every pre-training variant."""
+    seeds = sorted({r["seed"] for r in res["runs"].values() if r.get("seed") is not None})
+    variants = [v["name"] for v in res["variants"]]
+    figures = [("forces_mae", "force MAE (meV/Å)", "learning_curves_forces.png", ["scratch", main], seeds),
+               ("energy_mae_per_atom", "energy MAE (meV/atom)", "learning_curves_energy.png", ["scratch", main], seeds)]
+    if len(variants) > 1:
+        figures.append(("forces_mae", "force MAE (meV/Å)", "ablation_curves_forces.png", ["scratch", *variants], []))
+    return [p for p in (_curve_figure(res, out_dir / f, m, label, names, s) for m, label, f, names, s in figures)
+            if p is not None]
+
+
+def _curve_figure(res: dict, path: Path, metric: str, label: str, names: list[str], seeds: list[int]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sizes = res["sizes"]
-    variants = [v["name"] for v in res["variants"]]
-    sets = []
-    for r in res["runs"].values():
-        sets = [k for k in r.get("curve", {}) if k != "steps"]
-        if sets:
-            break
-    paths = []
-    for metric, label, fname in (("forces_mae", "force MAE (meV/Å)", "learning_curves_forces.png"),
-                                 ("energy_mae_per_atom", "energy MAE (meV/atom)", "learning_curves_energy.png")):
-        if not sets:
-            break
-        fig, axes = plt.subplots(len(sets), len(sizes), figsize=(4.2 * len(sizes), 3.4 * len(sets)),
-                                 squeeze=False, sharey="row")
-        for row, set_name in enumerate(sets):
-            for col, n in enumerate(sizes):
-                ax = axes[row][col]
-                runs = [("scratch", res["runs"].get(f"scratch_n{n}"))] + \
-                       [(v, res["runs"].get(f"finetune_{v}_n{n}")) for v in variants]
-                for k, (name, r) in enumerate(runs):
+    sets = next((list(k for k in r["curve"] if k != "steps") for r in res["runs"].values() if r.get("curve")), [])
+    if not sets:
+        return None
+    main = names[1] if len(names) > 1 else None
+    fig, axes = plt.subplots(len(sets), len(sizes), figsize=(4.2 * len(sizes), 3.4 * len(sets)), squeeze=False,
+                             sharey="row")
+    for row, set_name in enumerate(sets):
+        for col, n in enumerate(sizes):
+            ax = axes[row][col]
+            for k, name in enumerate(names):
+                base = f"scratch_n{n}" if name == "scratch" else f"finetune_{name}_n{n}"
+                color = "black" if name == "scratch" else f"C{k - 1}"
+                for seed in [None, *seeds]:
+                    r = res["runs"].get(base if seed is None else f"{base}_seed{seed}")
                     if not r or set_name not in r.get("curve", {}):
                         continue
                     y = 1000 * np.asarray(r["curve"][set_name][metric])
-                    style = dict(color="black", lw=2) if name == "scratch" else \
-                        dict(color=f"C{k - 1}", lw=2 if name == main else 1.2, ls="-" if name == main else "--")
-                    ax.plot(r["curve"]["steps"], y, label="scratch" if name == "scratch" else
-                            f"pre-trained ({_label(name, res['variants'])})", **style)
+                    if seed is not None:  # seed controls: thin, unlabelled
+                        ax.plot(r["curve"]["steps"], y, color=color, lw=0.7, alpha=0.5)
+                        continue
+                    ax.plot(r["curve"]["steps"], y, color=color, lw=2 if name in ("scratch", main) else 1.2,
+                            ls="-" if name in ("scratch", main) else "--",
+                            label="scratch" if name == "scratch" else f"pre-trained ({_label(name, res['variants'])})")
                     if name == "scratch" and metric == "forces_mae":
                         ax.axhline(y[-1], color="black", lw=0.8, ls=":")
-                ax.set_yscale("log")
-                ax.set_title(f"{set_name}, {n} training structures", fontsize=9)
-                ax.set_xlabel("fine-tuning steps")
-                if col == 0:
-                    ax.set_ylabel(label)
-                ax.grid(True, which="both", alpha=0.3)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(labels) > 3), 1, 1))
-        path = out_dir / fname
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+            ax.set_yscale("log")
+            ax.set_title(f"{set_name}, {n} training structures", fontsize=9)
+            ax.set_xlabel("fine-tuning steps")
+            if col == 0:
+                ax.set_ylabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if seeds:
+        labels = [*labels, f"thin lines: fine-tuning seeds {', '.join(map(str, seeds))}"]
+        handles = [*handles, plt.Line2D([], [], color="0.4", lw=0.7)]
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
+    rows = (len(labels) + 2) // 3
+    fig.tight_layout(rect=(0, 0.03 + 0.035 * rows, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _fmt(x: Optional[float], scale: float = 1000.0, digits: int = 2) -> str:
@@ -631,6 +673,23 @@ def report_markdown(res: dict, main: str) -> str:
                                 [_fmt(r["final"][k]["energy_mae_per_atom"]) for k in sets]
                         lines.append(f"| {n} | {'scratch' if v == 'scratch' else 'pre-trained: ' + v} | "
                                      f"{'config' if seed is None else seed} | " + " | ".join(cells) + " |")
+        lines += ["", "Over the seeds (config seed and the extra ones): mean (min–max); *steps* against the "
+                      "scratch run of the same seed.", "",
+                  "| N | run | seeds | " + " | ".join(f"F MAE {short[k]}" for k in sets) + " | " +
+                  " | ".join(f"E MAE {short[k]}" for k in sets) + " | steps to scratch's final |",
+                  "|---|---|---|" + "---|" * (2 * len(sets) + 1)]
+        for n in sorted({n for n, _ in seeded}):
+            for v in ("scratch", main):
+                group = [r for r in (run(v, n, seed) for seed in [None, *sorted(x for m, x in seeded if m == n)]) if r]
+                cells = []
+                for metric, digits in (("forces_mae", 1), ("energy_mae_per_atom", 2)):
+                    for k in sets:
+                        xs = [r["final"][k][metric] for r in group]
+                        cells.append(f"{_fmt(float(np.mean(xs)), digits=digits)} ({_fmt(min(xs), digits=digits)}–"
+                                     f"{_fmt(max(xs), digits=digits)})")
+                steps = ", ".join(reach(r) for r in group)
+                lines.append(f"| {n} | {'scratch' if v == 'scratch' else 'pre-trained: ' + v} | {len(group)} | "
+                             + " | ".join(cells) + f" | {steps} |")
     lines += ["", "### All final errors", "",
               "Energy MAE/RMSE per atom (meV/atom), force-component MAE/RMSE (meV/Å), after the last step.", "",
               "| N | run | test set | E MAE | E RMSE | F MAE | F RMSE | steps to scratch's final F MAE |",
@@ -657,6 +716,23 @@ def report_markdown(res: dict, main: str) -> str:
         lines.append(f"| {v['name']} | {v.get('description', '')} | {p['steps']} | {p['world_size']} | "
                      f"{p['wall_s']:.0f} | {p.get('first_loss', math.nan):.3f} → {p.get('last_loss', math.nan):.3f} | "
                      f"{_fmt(metals, digits=1)} | {_fmt(p.get('mean_imbalance'), scale=1.0, digits=3)} |")
+    probes = sorted({k for p in res["pretrain"].values() for k in p.get("probe", {})})
+    if probes:
+        lines += ["", "### Pre-trained models on the probe sets, and what their fine-tunes reached", "",
+                  "Force MAE (meV/Å) / energy MAE (meV/atom) of each pre-trained model (its own head) on "
+                  f"the probe sets; then the {res['target_set']} force MAE of its fine-tune at each N.", "",
+                  "| variant | " + " | ".join(probes) + " | " + " | ".join(f"fine-tune F MAE, N={n}" for n in res["sizes"])
+                  + " |", "|---|" + "---|" * (len(probes) + len(res["sizes"]))]
+        for v in res["variants"]:
+            p = res["pretrain"].get(v["name"])
+            if not p:
+                continue
+            cells = [f"{_fmt(p['probe'][k]['forces_mae'], digits=1)} / {_fmt(p['probe'][k]['energy_mae_per_atom'])}"
+                     if k in p.get("probe", {}) else "—" for k in probes]
+            for n in res["sizes"]:
+                r = run(v["name"], n)
+                cells.append(_fmt(r["final"][res["target_set"]]["forces_mae"], digits=1) if r else "—")
+            lines.append(f"| {v['name']} | " + " | ".join(cells) + " |")
     walls = [r["wall_s"] for r in runs.values() if r.get("wall_s")]
     if walls:
         lines += ["", f"Fine-tune/scratch runs: {len(walls)}, {min(walls):.0f}–{max(walls):.0f} s each "
