@@ -233,12 +233,12 @@ def test_calibrate_and_plan_report_cli(demo_data, tmp_path):
     from lamm_ds.cli import main as cli
 
     data = [f"data.demo_dir={demo_data['demo_metals'].parent}"]
-    assert cli(["calibrate", "--run-dir", str(tmp_path), "--batches", "8", "--repeats", "1", "--max-graphs", "6",
+    assert cli(["calibrate", "--run-dir", str(tmp_path), "--batches", "16", "--repeats", "3", "--max-graphs", "16",
                 "--quiet", *TINY, *data]) == 0
     saved = json.loads((tmp_path / "cost_model.json").read_text())
     assert set(saved["coefficients"]) == {"atoms", "edges", "graphs", "const"}
     meta = saved["meta"]
-    assert len(meta["micro_batches"]) == 8 and 0 <= meta["fit"]["max_rel_error"]
+    assert len(meta["micro_batches"]) == 16 and 0 <= meta["fit"]["max_rel_error"]
     assert meta["edge_basis"][0]["cutoff"] == 6.0 and meta["hardware"]["device"] == "cpu"
     png = tmp_path / "plan.png"
     assert cli(["plan-report", "--ranks", "3", "--steps", "12", "--out", str(png), "--run-dir", str(tmp_path),
