@@ -57,7 +57,8 @@ class CheckpointError(RuntimeError):
 # process group
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous address)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -69,7 +70,7 @@ def setup_distributed(timeout_s: int) -> tuple[int, int, torch.device]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ:  # plain `python launch/pretrain.py`: a one-process group
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
     import deepspeed
 
@@ -453,7 +454,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
 
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step)
     float_dtype = torch.float32
-    curve = EvalCurve(cfg, model.cfg, run_dir, writer) if rank == 0 else None
+    curve = EvalCurve(cfg, model.cfg, run_dir, writer, fresh=start_step == 0) if rank == 0 else None
 
     def record_curve(steps_done: int) -> None:
         """Rank 0 evaluates (an fp32 view of) the module while the others wait at the barrier."""
@@ -467,9 +468,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
             engine.module.train()
         dist.barrier()
 
-    if start_step == 0 and cfg.eval_every:
-        if curve is not None:
-            curve.path.unlink(missing_ok=True)
+    if start_step == 0:
         record_curve(0)
     bad_streak, skipped, history = 0, 0, []
     tag = latest_tag(ckpt_root) if resume else None

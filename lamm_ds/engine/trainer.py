@@ -40,47 +40,43 @@ def lr_factor(step: int, cfg: RunConfig) -> float:
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def log_evaluation(writer, evaluation: dict[str, dict], step: int) -> None:
-    """Finite scalar metrics of each evaluated dataset to TensorBoard under eval/<name>/."""
+def log_evaluation(writer, evaluation: dict[str, dict], step: int, prefix: str = "eval") -> None:
+    """Finite scalar metrics of each evaluated dataset to TensorBoard under <prefix>/<name>/."""
     for name, metrics in evaluation.items():
         for k, v in metrics.items():
             if isinstance(v, float) and math.isfinite(v):
-                writer.add_scalar(f"eval/{name}/{k}", v, step)
+                writer.add_scalar(f"{prefix}/{name}/{k}", v, step)
 
 
 class EvalCurve:
     """Evaluation every ``cfg.eval_every`` optimiser steps (and before the first): the learning curve.
 
     The sets are read and turned into graphs once. Each point goes to ``<run_dir>/eval_curve.jsonl``
-    and to TensorBoard under ``curve/<set>/<metric>`` (x = optimiser steps done).
+    and to TensorBoard under ``curve/<set>/<metric>`` (x = optimiser steps done). ``fresh``: a run
+    starting at step 0 drops the points of an earlier run in the same directory.
     """
 
-    def __init__(self, cfg: RunConfig, model_cfg, run_dir: Path, writer) -> None:
-        self.every, self.max_steps = cfg.eval_every, cfg.max_steps
+    def __init__(self, cfg: RunConfig, model_cfg, run_dir: Path, writer, fresh: bool) -> None:
         self.path, self.writer = Path(run_dir) / "eval_curve.jsonl", writer
         self.sets = []
-        if self.every:
+        if cfg.eval_every:
             from lamm_ds.engine.evaluate import prepare_eval_sets
 
             self.sets = prepare_eval_sets(cfg.eval_datasets, model_cfg.cutoff, model_cfg.max_neighbors,
                                           cfg.eval_max_structures)
+            if fresh:
+                self.path.unlink(missing_ok=True)
 
     @staticmethod
     def is_due(cfg: RunConfig, steps_done: int) -> bool:
         return bool(cfg.eval_every) and (steps_done % cfg.eval_every == 0 or steps_done == cfg.max_steps)
-
-    def due(self, steps_done: int) -> bool:
-        return bool(self.every) and (steps_done % self.every == 0 or steps_done == self.max_steps)
 
     def record(self, model, steps_done: int) -> dict:
         from lamm_ds.engine.evaluate import append_curve_point, evaluate_prepared
 
         evaluation = evaluate_prepared(model, self.sets)
         append_curve_point(self.path, steps_done, evaluation)
-        for name, metrics in evaluation.items():
-            for k, v in metrics.items():
-                if isinstance(v, float) and math.isfinite(v):
-                    self.writer.add_scalar(f"curve/{name}/{k}", v, steps_done)
+        log_evaluation(self.writer, evaluation, steps_done, prefix="curve")
         self.writer.flush()
         return evaluation
 
@@ -132,9 +128,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, progress: bool = True, mod
     writer = SummaryWriter(str(run_dir / "tb"))
     history = []
     loader = make_loader(graphs, stream, epoch_length, cfg.data.batch_size, 0, cfg.max_steps, cfg.data.num_workers)
-    curve = EvalCurve(cfg, model.cfg, run_dir, writer)
-    if curve.due(0):
-        curve.path.unlink(missing_ok=True)
+    curve = EvalCurve(cfg, model.cfg, run_dir, writer, fresh=True)
+    if curve.is_due(cfg, 0):
         curve.record(model, 0)
     model.train()
     t_last = time.perf_counter()
@@ -176,7 +171,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, progress: bool = True, mod
                         writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
             bar.update(1)
-            if curve.due(step + 1):
+            if curve.is_due(cfg, step + 1):
                 curve.record(model, step + 1)
     writer.flush()
     model_path = export_model(model, run_dir / "model.safetensors", {"steps": cfg.max_steps})

@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -251,10 +250,10 @@ def _pretrain_datasets(cfg: ExperimentConfig, data: ExperimentData, variant: Pre
     return out
 
 
-def plan_runs(cfg: ExperimentConfig, data: ExperimentData, include_ablations: bool = True) -> list[RunSpec]:
+def plan_runs(cfg: ExperimentConfig, data: ExperimentData) -> list[RunSpec]:
     """Pre-training, scratch and fine-tuning runs with their commands, in a useful start order."""
     out = _path(cfg.out_dir)
-    variants = cfg.variants if include_ablations else cfg.variants[:1]
+    variants = cfg.variants
     pre_script, ft_script = str(REPO_ROOT / "launch" / "pretrain.py"), str(REPO_ROOT / "launch" / "finetune.py")
     pretrains, scratch, main_ft, ablation_ft, seeds = [], [], [], [], []
     for v in variants:
@@ -304,12 +303,6 @@ def _finished(spec: RunSpec) -> bool:
         return json.loads(record.read_text()).get("argv") == spec.argv
     except json.JSONDecodeError:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child_env(threads: int) -> dict:
@@ -363,7 +356,9 @@ def execute(runs: list[RunSpec], cfg: ExperimentConfig, progress: bool = True) -
                     spec.run_dir.mkdir(parents=True)
                     argv = [*_launcher(spec.slots)]
                     if spec.slots > 1:
-                        argv += ["--master_port", str(_free_port())]
+                        from lamm_ds.engine.ds_engine import free_port
+
+                        argv += ["--master_port", str(free_port())]
                     fh = open(spec.run_dir / "log.txt", "w")
                     fh.write("$ " + " ".join(argv + spec.argv) + "\n")
                     fh.flush()
@@ -622,6 +617,13 @@ def report_markdown(res: dict, main: str) -> str:
         s = r.get("steps_to_scratch_final")
         return "not reached" if s is None else str(s)
 
+    def who(v: str) -> str:
+        return "scratch" if v == "scratch" else f"pre-trained: {v}"
+
+    def error_cells(r) -> list[str]:
+        return [_fmt(r["final"][k]["forces_mae"], digits=1) for k in sets] + \
+               [_fmt(r["final"][k]["energy_mae_per_atom"]) for k in sets]
+
     lines = [f"### Pre-trained ({main}) vs scratch", "",
              "Force-component MAE (meV/Å) and energy MAE (meV/atom) on the full test sets after the last "
              "step; *steps* = first evaluated step (every `eval_every`) at which the run's force MAE on "
@@ -655,8 +657,7 @@ def report_markdown(res: dict, main: str) -> str:
                 r = run(v, n)
                 if not r:
                     continue
-                cells = [_fmt(r["final"][k]["forces_mae"], digits=1) for k in sets] + \
-                        [_fmt(r["final"][k]["energy_mae_per_atom"]) for k in sets]
+                cells = error_cells(r)
                 label = "none (scratch)" if v == "scratch" else f"{v}: {_label(v, res['variants']).split(': ', 1)[-1]}"
                 lines.append(f"| {n} | {label} | " + " | ".join(cells) + f" | {reach(r)} |")
     seeded = sorted({(r["size"], r["seed"]) for r in runs.values() if r.get("seed") is not None})
@@ -669,10 +670,8 @@ def report_markdown(res: dict, main: str) -> str:
                 for seed in [None, *sorted(s for m, s in seeded if m == n)]:
                     r = run(v, n, seed)
                     if r:
-                        cells = [_fmt(r["final"][k]["forces_mae"], digits=1) for k in sets] + \
-                                [_fmt(r["final"][k]["energy_mae_per_atom"]) for k in sets]
-                        lines.append(f"| {n} | {'scratch' if v == 'scratch' else 'pre-trained: ' + v} | "
-                                     f"{'config' if seed is None else seed} | " + " | ".join(cells) + " |")
+                        lines.append(f"| {n} | {who(v)} | {'config' if seed is None else seed} | "
+                                     + " | ".join(error_cells(r)) + " |")
         lines += ["", "Over the seeds (config seed and the extra ones): mean (min–max); *steps* against the "
                       "scratch run of the same seed.", "",
                   "| N | run | seeds | " + " | ".join(f"F MAE {short[k]}" for k in sets) + " | " +
@@ -688,7 +687,7 @@ def report_markdown(res: dict, main: str) -> str:
                         cells.append(f"{_fmt(float(np.mean(xs)), digits=digits)} ({_fmt(min(xs), digits=digits)}–"
                                      f"{_fmt(max(xs), digits=digits)})")
                 steps = ", ".join(reach(r) for r in group)
-                lines.append(f"| {n} | {'scratch' if v == 'scratch' else 'pre-trained: ' + v} | {len(group)} | "
+                lines.append(f"| {n} | {who(v)} | {len(group)} | "
                              + " | ".join(cells) + f" | {steps} |")
     lines += ["", "### All final errors", "",
               "Energy MAE/RMSE per atom (meV/atom), force-component MAE/RMSE (meV/Å), after the last step.", "",
@@ -700,7 +699,7 @@ def report_markdown(res: dict, main: str) -> str:
             if not r:
                 continue
             for set_name, m in r["final"].items():
-                lines.append(f"| {n} | {'scratch' if v == 'scratch' else 'pre-trained: ' + v} | {set_name} | "
+                lines.append(f"| {n} | {who(v)} | {set_name} | "
                              f"{_fmt(m['energy_mae_per_atom'])} | {_fmt(m['energy_rmse_per_atom'])} | "
                              f"{_fmt(m['forces_mae'], digits=1)} | {_fmt(m['forces_rmse'], digits=1)} | "
                              f"{reach(r) if set_name == res['target_set'] else '—'} |")
@@ -753,13 +752,15 @@ def run_experiment(cfg: ExperimentConfig, include_ablations: bool = True, progre
     ``publish=(results_json, plot_dir)`` also copies the results and plots there (bench/results, docs).
     """
     t0 = time.perf_counter()
+    if not include_ablations:
+        cfg = _main_only(cfg)
     out = _path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.yaml").write_text(_experiment_yaml(cfg))
     data = prepare_data(cfg)
-    runs = plan_runs(cfg, data, include_ablations)
+    runs = plan_runs(cfg, data)
     status = execute(runs, cfg, progress)
-    res = collect(cfg if include_ablations else _main_only(cfg), runs, status)
+    res = collect(cfg, runs, status)
     res["total_wall_s"] = time.perf_counter() - t0
     # The wall time of an invocation that ran every run itself (nothing reused) is the cost of the
     # whole experiment from clean; later invocations that only reuse runs keep reporting it.
