@@ -19,6 +19,13 @@ import numpy as np
 
 BACKENDS = ("vesin", "matscipy", "brute")
 _SKIN = 1e-6  # ask the library for a slightly larger sphere, then apply the exact cutoff ourselves
+# A pair costs ~50 bytes on its way through the library and our sort, so 20 M pairs is ~1 GB.
+# Real training cells (<= 300 atoms, cutoff <= 12 A) stay below 1 M; far beyond is a broken cell.
+MAX_PAIRS = 20_000_000
+
+
+class TooManyPairsError(ValueError):
+    """The structure would give an unreasonable number of neighbour pairs (usually a degenerate cell)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,26 @@ def _box_for_library(cell: np.ndarray, pbc: np.ndarray, positions: np.ndarray, c
             if not pbc[axis]:
                 box[axis] = np.eye(3)[axis] * length
     return box
+
+
+def _check_pair_count(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> None:
+    """Refuse periodic cells that would produce more than MAX_PAIRS pairs, before any is allocated.
+
+    A nearly flat cell (lattice planes 1e-4 A apart, say) is finite and passes every other check,
+    but asks for millions of periodic images: without this the process runs out of memory.
+    """
+    box = _box_for_library(cell, pbc, positions, cutoff)
+    volume = abs(float(np.linalg.det(box)))
+    n = len(positions)
+    sphere = 4.0 / 3.0 * np.pi * cutoff ** 3
+    expected = n * n * sphere / volume if volume > 0 else np.inf  # homogeneous-density estimate
+    if expected > MAX_PAIRS:
+        spacings = [volume / np.linalg.norm(np.cross(box[(a + 1) % 3], box[(a + 2) % 3]))
+                    for a in range(3) if pbc[a]]
+        raise TooManyPairsError(
+            f"about {expected:.3g} neighbour pairs expected ({n} atoms, cutoff {cutoff:g} A, cell volume "
+            f"{volume:.3g} A^3, smallest periodic lattice-plane spacing {min(spacings):.3g} A); more than "
+            f"{MAX_PAIRS:.0e} means the cell is almost surely degenerate")
 
 
 def _pairs_vesin(positions, cell, pbc, cutoff):
@@ -111,7 +138,11 @@ def radius_graph(
     backend: str = "vesin",
 ) -> Graph:
     """All pairs with ``|r_ij| < cutoff`` over every periodic image, keeping at most
-    ``max_neighbors`` nearest per centre (ties broken by neighbour index, then image shift)."""
+    ``max_neighbors`` nearest per centre (ties broken by neighbour index, then image shift).
+
+    Raises :class:`TooManyPairsError` for a periodic cell that would give more than
+    :data:`MAX_PAIRS` pairs (a degenerate cell) instead of exhausting memory.
+    """
     if backend not in _PAIRS:
         raise ValueError(f"unknown neighbour-list backend {backend!r}; choose one of {BACKENDS}")
     positions = np.ascontiguousarray(positions, dtype=np.float64)
@@ -120,6 +151,8 @@ def radius_graph(
     if len(positions) == 0:
         empty = np.zeros(0, dtype=np.int64)
         return Graph(empty, empty, np.zeros((0, 3), dtype=np.int64))
+    if pbc.any():
+        _check_pair_count(positions, cell, pbc, float(cutoff))
     i, j, s = _PAIRS[backend](positions, cell, pbc, float(cutoff))
     i = np.asarray(i, dtype=np.int64)
     j = np.asarray(j, dtype=np.int64)

@@ -154,6 +154,22 @@ def test_nan_positions_error_or_skip(tmp_path):
     assert rep.written == 4 and rep.dropped_by_reason == {"non-finite positions": 1}
 
 
+def test_degenerate_cell_error_or_skip(tmp_path):
+    # a finite, non-zero-volume cell whose planes are 1e-5 A apart: would need millions of images
+    frames = _frames(5)
+    flat = bulk("Cu", "fcc", a=3.6) * (2, 1, 1)
+    flat.set_cell([[3.0, 0, 0], [0, 3.0, 0], [0, 0, 1e-5]], scale_atoms=False)
+    flat.calc = SinglePointCalculator(flat, energy=0.0, forces=np.zeros((2, 3)))
+    frames[2] = flat
+    f = _write(tmp_path / "a.xyz", frames)
+    with pytest.raises(IngestError, match=r"a.xyz: structure 2: degenerate periodic cell .*spacing 1e-05 A"):
+        ingest([f], tmp_path / "ds", _opts())
+    _assert_nothing_left(tmp_path)
+    rep = ingest([f], tmp_path / "ds", _opts(skip_invalid=True))
+    assert rep.written == 4
+    assert rep.dropped_by_reason == {"degenerate periodic cell (too many neighbour pairs)": 1}
+
+
 def test_unlabelled_and_stress_units(tmp_path):
     a = bulk("Si", "diamond", a=5.43)
     a.info["virial_stress_kbar"] = [1602.1766208, 0, 0, 0, 0, 0]

@@ -1,16 +1,26 @@
+import zlib
+
 import numpy as np
 import pytest
 
-from lamm_ds.neighbors import radius_graph
+from lamm_ds.neighbors import MAX_PAIRS, TooManyPairsError, radius_graph
 
 
 def _edges(g):
     return sorted(zip(g.i.tolist(), g.j.tolist(), map(tuple, g.shifts.tolist())))
 
 
+def _plane_spacings(cell):
+    vol = abs(np.linalg.det(cell))
+    return [vol / np.linalg.norm(np.cross(cell[(a + 1) % 3], cell[(a + 2) % 3])) for a in range(3)]
+
+
 def _random_system(rng, case):
     n = int(rng.integers(1, 14))
-    cell = rng.normal(size=(3, 3)) * 0.6 + np.eye(3) * rng.uniform(1.2, 7.0)  # triclinic, often < cutoff
+    while True:  # triclinic, often thinner than the cutoff, but not so flat that images number millions
+        cell = rng.normal(size=(3, 3)) * 0.6 + np.eye(3) * rng.uniform(1.2, 7.0)
+        if min(_plane_spacings(cell)) > 0.5:
+            break
     pbc = rng.random(3) < 0.6
     if case == "nonperiodic":
         pbc[:] = False
@@ -25,7 +35,8 @@ def _random_system(rng, case):
 @pytest.mark.parametrize("backend", ["vesin", "matscipy"])
 @pytest.mark.parametrize("case", ["periodic", "mixed", "nonperiodic"])
 def test_matches_brute_force(backend, case):
-    rng = np.random.default_rng(hash((backend, case)) % 2**32)
+    # a fixed seed per case (str hashes change with every interpreter, so hash() is not one)
+    rng = np.random.default_rng(zlib.crc32(f"{backend}-{case}".encode()))
     for _ in range(40):
         pos, cell, pbc, cutoff = _random_system(rng, case)
         for cap in (None, 4):
@@ -72,3 +83,23 @@ def test_edge_vectors_shorter_than_cutoff_and_sorted():
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown neighbour-list backend"):
         radius_graph(np.zeros((2, 3)), np.eye(3), [False] * 3, 1.0, backend="nope")
+
+
+@pytest.mark.parametrize("backend", ["vesin", "matscipy", "brute"])
+def test_degenerate_cell_refused_before_allocating(backend):
+    # planes 1e-5 A apart: 4 atoms would need ~1e8 pairs; we must refuse, not run out of memory
+    cell = np.diag([3.0, 3.0, 1e-5])
+    pos = np.array([[0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [1.0, 1.0, 0]])
+    with pytest.raises(TooManyPairsError, match=r"smallest periodic lattice-plane spacing 1e-05 A"):
+        radius_graph(pos, cell, [True] * 3, 5.0, backend=backend)
+    # the same flat axis, non-periodic, is harmless: the box is only a container there
+    assert radius_graph(pos, cell, [True, True, False], 5.0, backend=backend).num_edges > 0
+
+
+def test_dense_but_real_cells_pass_the_pair_guard():
+    # 300 atoms at a metal's density with a 12 A cutoff: the largest training cell we expect
+    rng = np.random.default_rng(0)
+    cell = np.eye(3) * (300 / 0.085) ** (1 / 3)
+    pos = rng.uniform(0, 1, size=(300, 3)) @ cell
+    g = radius_graph(pos, cell, [True] * 3, 12.0)
+    assert 0 < g.num_edges < MAX_PAIRS

@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lamm_ds.ingest.readers import IngestError, LabelKeys, expand_inputs, iter_source
-from lamm_ds.neighbors import radius_graph
+from lamm_ds.neighbors import TooManyPairsError, radius_graph
 from lamm_ds.shards.dataset import LmdbDataset
 from lamm_ds.shards.format import DROPPED, DatasetWriter, GraphSettings
 from lamm_ds.structure import Structure, encode
@@ -60,19 +60,24 @@ def _process(chunk: list[Structure], max_atoms: int | None, graph: GraphSettings
         problems = s.problems()
         if s.natoms == 0:
             problems.append("no atoms")
-        if problems:
-            if not skip_invalid:
-                out.append(("error", f"{where}: {'; '.join(problems)} (pass --skip-invalid to drop such "
-                                     "structures and list them in the report)"))
-                return out
+        too_big = not problems and max_atoms is not None and s.natoms > max_atoms
+        g, detail = None, ""
+        if not problems and not too_big:
+            try:
+                g = radius_graph(s.positions, s.cell, s.pbc, graph.cutoff, graph.max_neighbors, graph.backend)
+            except TooManyPairsError as exc:
+                # a generic reason, so the report's per-reason counts group these; numbers go in detail
+                problems.append("degenerate periodic cell (too many neighbour pairs)")
+                detail = f": {exc}"
+        if problems and not skip_invalid:
+            out.append(("error", f"{where}: {'; '.join(problems)}{detail} (pass --skip-invalid to drop such "
+                                 "structures and list them in the report)"))
+            return out
+        if g is None:
+            reason = "; ".join(problems) if problems else f"more than {max_atoms} atoms"
             out.append(("drop", {"source": s.source, "index": s.source_index, "natoms": s.natoms,
-                                 "reason": "; ".join(problems)}))
+                                 "reason": reason}))
             continue
-        if max_atoms is not None and s.natoms > max_atoms:
-            out.append(("drop", {"source": s.source, "index": s.source_index, "natoms": s.natoms,
-                                 "reason": f"more than {max_atoms} atoms"}))
-            continue
-        g = radius_graph(s.positions, s.cell, s.pbc, graph.cutoff, graph.max_neighbors, graph.backend)
         out.append(("ok", encode(s), s.numbers, g.num_edges, s.energy is not None, s.forces is not None,
                     s.stress is not None))
     return out
