@@ -91,6 +91,24 @@ def _hardware(device: torch.device) -> dict:
     return info
 
 
+def time_micro_batch(model: torch.nn.Module, batch, loss_cfg) -> float:
+    """Seconds of one forward + universal loss + backward of ``batch`` (device-synchronised)."""
+    from lamm_ds.loss import universal_loss
+
+    dev = batch.pos.device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    out = model(batch)
+    loss, _ = universal_loss(out, batch, loss_cfg)
+    loss.backward()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    dt = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return dt
+
+
 def calibrate(cfg: RunConfig, batches: int = 40, repeats: int = 3, max_graphs: int | None = None, seed: int = 0,
               device: str | None = None, progress: bool = True) -> tuple[CostModel, dict]:
     """Time forward+loss+backward of ``batches`` real micro-batches of mixed sizes drawn from the
@@ -100,7 +118,6 @@ def calibrate(cfg: RunConfig, batches: int = 40, repeats: int = 3, max_graphs: i
     from lamm_ds.engine.ds_engine import build_or_init_model
     from lamm_ds.engine.trainer import prepare_batch
     from lamm_ds.graphs import GraphDataset, collate
-    from lamm_ds.loss import universal_loss
 
     if batches < 8:
         raise ValueError("calibrate: use at least 8 micro-batches (tens are better)")
@@ -131,25 +148,12 @@ def calibrate(cfg: RunConfig, batches: int = 40, repeats: int = 3, max_graphs: i
         batch = prepare_batch(batch.replace(dataset_id=ds_ids[batch.dataset_id]), cfg, 0).to(dev, torch.float32)
         specs.append((feats + [int(batch.num_edges)], batch))
 
-    def once(batch) -> float:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        out = model(batch)
-        loss, _ = universal_loss(out, batch, cfg.loss)
-        loss.backward()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        dt = time.perf_counter() - t0
-        model.zero_grad(set_to_none=True)
-        return dt
-
     for _, batch in specs[:3]:  # warm-up (allocator, lazy init)
-        once(batch)
+        time_micro_batch(model, batch, cfg.loss)
     times = np.full((repeats, len(specs)), np.inf)
     for r in range(repeats):
         for j in rng.permutation(len(specs)).tolist():  # a new order per repeat spreads machine noise
-            times[r, j] = once(specs[j][1])
+            times[r, j] = time_micro_batch(model, specs[j][1], cfg.loss)
         if progress:
             log.info("calibrate: repeat %d/%d done", r + 1, repeats)
     seconds = times.min(axis=0)

@@ -138,6 +138,12 @@ def fit_cost_model(features: np.ndarray, seconds: np.ndarray, source: str = "cal
     scale[scale == 0] = 1.0
     w = 1.0 / t
     x = nnls(F / scale * w[:, None], t * w) / scale
+    if not (x[:3] > 0).any():
+        raise ValueError(
+            f"cost fit: the {len(t)} timings show no growth with atoms, edges or graphs (best fit is a "
+            f"constant {x[3]:.3g} s; timings span {t.min():.3g}..{t.max():.3g} s), so they are dominated by "
+            "overhead or machine noise; time more and larger micro-batches (calibrate --batches, "
+            "--max-graphs, --repeats) on an otherwise idle machine")
     model = CostModel(*x.tolist(), source=source, meta=meta or {})
     pred = F @ x
     ss_res = float(np.sum((pred - t) ** 2))
