@@ -63,13 +63,13 @@ def _box_for_library(cell: np.ndarray, pbc: np.ndarray, positions: np.ndarray, c
     return box
 
 
-def _check_pair_count(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> None:
+def _check_pair_count(positions: np.ndarray, box: np.ndarray, pbc: np.ndarray, cutoff: float) -> None:
     """Refuse periodic cells that would produce more than MAX_PAIRS pairs, before any is allocated.
 
-    A nearly flat cell (lattice planes 1e-4 A apart, say) is finite and passes every other check,
-    but asks for millions of periodic images: without this the process runs out of memory.
+    ``box`` is :func:`_box_for_library`'s. A nearly flat cell (lattice planes 1e-4 A apart, say) is
+    finite and passes every other check, but asks for millions of periodic images: without this the
+    process runs out of memory.
     """
-    box = _box_for_library(cell, pbc, positions, cutoff)
     volume = abs(float(np.linalg.det(box)))
     n = len(positions)
     sphere = 4.0 / 3.0 * np.pi * cutoff ** 3
@@ -83,29 +83,37 @@ def _check_pair_count(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, 
             f"{MAX_PAIRS:.0e} means the cell is almost surely degenerate")
 
 
-def _pairs_vesin(positions, cell, pbc, cutoff):
+# Each backend takes the box radius_graph already built (None: build it here, e.g. when benchmarked alone).
+
+
+def _pairs_vesin(positions, cell, pbc, cutoff, box=None):
     from vesin import NeighborList
 
     # Non-periodic: vesin ignores the box, so skip building one (a measurable cost for molecules).
-    box = _box_for_library(cell, pbc, positions, cutoff) if pbc.any() else np.zeros((3, 3))
+    if not pbc.any():
+        box = np.zeros((3, 3))
+    elif box is None:
+        box = _box_for_library(cell, pbc, positions, cutoff)
     nl = NeighborList(cutoff=cutoff + _SKIN, full_list=True)
     i, j, s = nl.compute(positions, box, [bool(p) for p in pbc], quantities="ijS")
     return i, j, s
 
 
-def _pairs_matscipy(positions, cell, pbc, cutoff):
+def _pairs_matscipy(positions, cell, pbc, cutoff, box=None):
     from matscipy.neighbours import neighbour_list
 
-    box = _box_for_library(cell, pbc, positions, cutoff)
+    if box is None:  # matscipy needs a full-rank box even for a molecule
+        box = _box_for_library(cell, pbc, positions, cutoff)
     return neighbour_list("ijS", positions=positions, cell=box, pbc=pbc, cutoff=cutoff + _SKIN)
 
 
-def _pairs_brute(positions, cell, pbc, cutoff):
+def _pairs_brute(positions, cell, pbc, cutoff, box=None):
     """All-images O(N^2 S) reference, used by the tests to check the libraries."""
     positions = np.asarray(positions, dtype=np.float64)
     ranges = []
     if pbc.any():
-        inv = np.linalg.inv(_box_for_library(cell, pbc, positions, cutoff))
+        box = _box_for_library(cell, pbc, positions, cutoff) if box is None else box
+        inv = np.linalg.inv(box)
         frac = positions @ inv
     for axis in range(3):
         if not pbc[axis]:
@@ -151,9 +159,11 @@ def radius_graph(
     if len(positions) == 0:
         empty = np.zeros(0, dtype=np.int64)
         return Graph(empty, empty, np.zeros((0, 3), dtype=np.int64))
-    if pbc.any():
-        _check_pair_count(positions, cell, pbc, float(cutoff))
-    i, j, s = _PAIRS[backend](positions, cell, pbc, float(cutoff))
+    box = None
+    if pbc.any():  # built once here: the pair-count guard and the backend both need it
+        box = _box_for_library(cell, pbc, positions, float(cutoff))
+        _check_pair_count(positions, box, pbc, float(cutoff))
+    i, j, s = _PAIRS[backend](positions, cell, pbc, float(cutoff), box)
     i = np.asarray(i, dtype=np.int64)
     j = np.asarray(j, dtype=np.int64)
     s = np.asarray(s, dtype=np.int64).reshape(-1, 3)

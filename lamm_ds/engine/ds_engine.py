@@ -464,8 +464,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
             module = engine.module
             if next(module.parameters()).dtype != torch.float32:
                 module = copy.deepcopy(module).float()
-            curve.record(module, steps_done)
-            engine.module.train()
+            curve.record(module, steps_done)  # evaluate() restores the module's training mode
         dist.barrier()
 
     if start_step == 0:
