@@ -66,6 +66,12 @@ class FinetuneConfig:
     freeze_backbone: bool = False
     backbone_lr_ratio: float = 1.0      # backbone LR = ratio * optim.lr (heads use optim.lr)
     head_init_from: Optional[str] = None  # warm-start new heads from this pre-trained head
+    forces: Optional[str] = None        # null: keep the pre-trained model's force mode (warns if direct);
+                                        # "conservative" (F = -dE/dx, drops a direct head) or "direct"
+
+    def __post_init__(self) -> None:
+        if self.forces not in (None, "direct", "conservative"):
+            raise ValueError(f"finetune.forces must be null, 'direct' or 'conservative', got {self.forces!r}")
 
 
 @dataclass
@@ -148,28 +154,30 @@ class ConfigError(ValueError):
 
 def load_config(files: list[str | Path] = (), overrides: list[str] = (), schema: Any = RunConfig):
     """Schema defaults <- YAML files in order <- ``key=value`` dotted overrides, then validated."""
+    where = ""
     try:
         cfg = OmegaConf.structured(schema)
         for f in files:
+            where = f" (in {f})"
             if not Path(f).is_file():
                 raise ConfigError(f"config file not found: {f}")
             cfg = OmegaConf.merge(cfg, OmegaConf.load(f))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"overrides must look like key=value, got {bad}")
-            for item in overrides:
-                key, value = item.split("=", 1)
-                # from_dotlist cannot address list items ("data.datasets.0.path"); update can.
-                OmegaConf.update(cfg, key.strip(), yaml.safe_load(value) if value else None, merge=True)
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"command-line overrides must look like key=value, got {bad}")
+        for item in overrides:
+            where = f" (in the command-line override {item!r})"
+            key, value = item.split("=", 1)
+            # from_dotlist cannot address list items ("data.datasets.0.path"); update can.
+            OmegaConf.update(cfg, key.strip(), yaml.safe_load(value) if value else None, merge=True)
+        where = ""
         return OmegaConf.to_object(cfg)
     except ConfigError:
         raise
-    except ValueError as exc:  # a section's own validation (__post_init__)
-        raise ConfigError(f"invalid config value: {exc}") from exc
     except (OmegaConfBaseException, TypeError, yaml.YAMLError) as exc:
-        where = f" (in {', '.join(map(str, files))})" if files else ""
         raise ConfigError(f"invalid config{where}: {exc}".splitlines()[0] + _key_hint(exc)) from exc
+    except ValueError as exc:  # a section's own validation (__post_init__)
+        raise ConfigError(f"invalid config value{where}: {exc}") from exc
 
 
 def _key_hint(exc: OmegaConfBaseException) -> str:

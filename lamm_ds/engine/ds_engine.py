@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import dataclasses
 import hashlib
 import importlib
 import json
 import logging
 import math
 import os
+import pickle
 import platform
 import random
 import shutil
@@ -31,9 +33,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lamm_ds.engine.config import RunConfig, load_config, model_config, to_yaml
+from lamm_ds.engine.config import ConfigError, RunConfig, load_config, model_config, to_yaml
 from lamm_ds.engine.data import fit_stats, open_datasets
 from lamm_ds.engine.evaluate import evaluate_entries
+from lamm_ds.engine.guards import (UselessDatasetError, check_datasets_contribute, merge_trained_elements,
+                                  nonfinite_structures)
+from lamm_ds.engine.launcher_watch import watch_launcher
+from lamm_ds.engine.rundir import (CONFIG_FILE, DS_CONFIG_FILE, ConfigChangedError, RunDirBusyError, RunDirLock,
+                                   check_resume_config)
 from lamm_ds.engine.export import build_potential, export_model, load_model
 from lamm_ds.engine.schedule import build_scheduler, check_edge_basis, resolve_cost_model, save_run_cost_model
 from lamm_ds.engine.trainer import EvalCurve, log_evaluation, lr_factor, prepare_batch
@@ -42,6 +49,7 @@ from lamm_ds.loss import local_counts, per_dataset_metrics, summarize_per_datase
 from lamm_ds.mixture import MixtureStream
 from lamm_ds.model.potential import Potential
 from lamm_ds.scheduler import StepScheduler, rank_slice
+from lamm_ds.shards.dataset import DatasetError
 
 log = logging.getLogger("lamm_ds")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -215,15 +223,50 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, keep_last: int, rank: in
     return tag
 
 
-def load_checkpoint(engine, ckpt_root: Path, rank: int) -> int:
+def _deepspeed_safe_globals() -> list:
+    """Classes DeepSpeed pickles into its checkpoints besides tensors and builtins (found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3 x fp32/bf16 checkpoints).
+    The weights-only unpickler may rebuild these (plain data holders), and nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def weights_only_loader(trust_pickle: bool = False):
+    """``torch.load`` for DeepSpeed's checkpoint engine that never runs code from the file: the
+    weights-only unpickler with :func:`_deepspeed_safe_globals`; ``trust_pickle`` restores
+    DeepSpeed's full unpickling (only for checkpoints you trust)."""
+    safe = _deepspeed_safe_globals()
+
+    def load(path: str, map_location=None):
+        if trust_pickle:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        try:
+            with torch.serialization.safe_globals(safe):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{path}: holds Python objects outside the safe list, and loading it could run code from the "
+                f"file ({first}). Resume with --trust-pickle only if you trust this checkpoint") from None
+
+    return load
+
+
+def load_checkpoint(engine, ckpt_root: Path, rank: int, trust_pickle: bool = False) -> int:
     """Restore model, optimiser, LR schedule, loss scale and RNG; returns the next step to run."""
     tag = latest_tag(ckpt_root)
     if tag is None:
         raise CheckpointError(f"{ckpt_root / LATEST}: no checkpoint to resume from")
     manifest = verify_checkpoint(ckpt_root, tag)
+    engine.checkpoint_engine.load = weights_only_loader(trust_pickle)
     try:
         path, client = engine.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"{ckpt_root / tag}: DeepSpeed could not load it: {exc}") from exc
     if path is None:
@@ -287,6 +330,9 @@ def build_or_init_model(cfg: RunConfig, datasets, rank: int) -> Potential:
         torch.manual_seed(cfg.seed)
         return build_potential(cfg.model_kind, mcfg, [d.name for d in datasets], stats)
     model = load_pretrained(ft.init)
+    model = finetune_force_mode(model, ft.forces, ft.init, rank)
+    if rank == 0:
+        report_new_elements(model, datasets)
     for d in datasets:
         if d.name not in model.dataset_names:
             stats = fit_stats(d, model.cfg.max_z, cfg.data.stats_samples, cfg.seed)
@@ -298,6 +344,65 @@ def build_or_init_model(cfg: RunConfig, datasets, rank: int) -> Potential:
             if not n.startswith("heads."):
                 p.requires_grad_(False)
     return model.train()
+
+
+DIRECT_FORCES_WARNING = (
+    "fine-tuning %s keeps its direct force head (model.forces=direct): its forces are not the gradient of its "
+    "energy, so molecular dynamics does not conserve energy (NVE drifts) and relaxations can go uphill. "
+    "Pass finetune.forces=conservative to fine-tune with F = -dE/dx instead (the direct force head is dropped; "
+    "training is slower: it needs a double backward), or finetune.forces=direct to keep direct forces knowingly.")
+
+
+def finetune_force_mode(model: Potential, forces: str | None, source: str, rank: int) -> Potential:
+    """The pre-trained model with the requested force mode; warns when a direct-force model is
+    fine-tuned without the user having chosen direct forces."""
+    current = model.cfg.forces
+    if forces is None:
+        if current == "direct" and rank == 0:
+            log.warning(DIRECT_FORCES_WARNING, source)
+        return model
+    if forces == current:
+        return model
+    new_cfg = dataclasses.replace(model.cfg, forces=forces, stress=False)
+    converted = type(model)(new_cfg, model.dataset_names)
+    missing, unexpected = converted.load_state_dict(model.state_dict(), strict=False)
+    converted.trained_elements = getattr(model, "trained_elements", None)
+    if rank == 0:
+        if forces == "conservative":
+            log.warning("fine-tuning: switched %s from direct to conservative forces (F = -dE/dx); dropped the "
+                        "direct force head (%d tensors)", source, len(unexpected))
+        else:
+            log.warning("fine-tuning: switched %s from conservative to direct forces; the new direct force "
+                        "head (%d tensors) starts from random weights", source, len(missing))
+    bad = [k for k in missing if not _is_force_head_key(k)] + [k for k in unexpected if not _is_force_head_key(k)]
+    if bad:
+        raise ValueError(f"{source}: cannot switch to forces={forces}: weights {bad[:5]} do not carry over")
+    return converted.train()
+
+
+def _is_force_head_key(key: str) -> bool:
+    return key.startswith(("force_head.", "force_block.", "backbone.force_block."))
+
+
+def report_new_elements(model: Potential, datasets) -> None:
+    """Say loudly which elements of the fine-tuning data the pre-trained backbone never saw."""
+    from ase.data import chemical_symbols
+
+    seen = getattr(model, "trained_elements", None)
+    wanted = sorted({int(z) for d in datasets for z in d.manifest.get("elements", [])})
+    if seen is None:
+        log.warning("fine-tuning: the pre-trained model does not record which elements it was trained on "
+                    "(exported by an older lamm-ds, or converted); elements new to it cannot be reported")
+        return
+    known = set().union(*map(set, seen.values())) if seen else set()
+    new = [z for z in wanted if z not in known]
+    if new:
+        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in new)
+        log.warning("fine-tuning: %d element(s) the pre-trained model never saw: %s. Their embedding rows were "
+                    "never trained and start from their random initial values, and no pre-trained head has a "
+                    "reference energy for them (the new head fits one from the fine-tuning data). Expect the "
+                    "fine-tune to gain little over training from scratch for structures holding them.",
+                    len(new), names)
 
 
 def load_pretrained(path: str) -> Potential:
@@ -369,16 +474,66 @@ def _memory_mb(device: torch.device) -> float:
 # the run
 
 
-def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
+def agree(error: BaseException | None, rank: int, device: torch.device) -> None:
+    """Every rank raises if any rank failed a start-up check (instead of the healthy ranks waiting
+    for the collective timeout); the failing rank raises its own error."""
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=device)
+    dist.all_reduce(flag)
+    if error is not None:
+        raise error
+    if int(flag.item()):
+        raise RuntimeError(f"rank {rank}: another rank refused to start (its error is logged above)")
+
+
+def claim_run_dir(cfg: RunConfig, run_dir: Path, world: int, resume: bool, allow_config_change: bool,
+                  lock: RunDirLock) -> None:
+    """Rank 0: lock the run directory for this job; on resume, check the checkpoint and that the
+    config is the one the run was started with; without resume, refuse a directory with checkpoints."""
+    ckpt_root = run_dir / "checkpoints"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    if resume:
+        tag = latest_tag(ckpt_root)
+        if tag is None:
+            raise CheckpointError(f"{ckpt_root / LATEST}: no checkpoint to resume from")
+        manifest = verify_checkpoint(ckpt_root, tag)
+        changes = check_resume_config(run_dir, to_yaml(cfg), deepspeed_config(cfg, world), allow_config_change,
+                                      int(manifest["next_step"]))
+        for key, old, new in changes:
+            log.warning("resume with a changed config (--allow-config-change): %s: %r -> %r", key, old, new)
+    elif (ckpt_root / LATEST).exists():
+        raise CheckpointError(f"{run_dir} already holds checkpoints; pass --resume to continue, "
+                              "or choose another --run-dir")
+
+
+def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
+        allow_config_change: bool = False, trust_pickle: bool = False) -> dict:
     """Train under DeepSpeed; returns a summary (on every rank)."""
+    rank, world, device = setup_distributed(cfg.faults.collective_timeout_s)
+    watch_launcher(rank)
+    lock = RunDirLock(run_dir)
+    try:
+        return _run(cfg, Path(run_dir), rank, world, device, resume, progress, allow_config_change,
+                    trust_pickle, lock)
+    finally:
+        lock.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.device, resume: bool,
+         progress: bool, allow_config_change: bool, trust_pickle: bool, lock: RunDirLock) -> dict:
     import deepspeed
     from tqdm import tqdm
 
-    rank, world, device = setup_distributed(cfg.faults.collective_timeout_s)
-    run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
+    error = None
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            claim_run_dir(cfg, run_dir, world, resume, allow_config_change, lock)
+        except Exception as exc:  # every rank stops; rank 0 raises this one
+            error = exc
+    agree(error, rank, device)
     # One process generates the demo data (file lock inside); the others wait at the barrier.
     # Rank 0 also records the cost model the plans use (read back by every rank, and on resume).
     if rank == 0:
@@ -396,6 +551,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
     if cfg.data.batch_size < plan_ranks:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is smaller than the {plan_ranks} ranks")
     model = build_or_init_model(cfg, datasets, rank)
+    check_datasets_contribute(datasets, cfg, bool(getattr(model.cfg, "stress", False)))
     names = [d.name for d in datasets]
     ds_ids = torch.tensor([model.dataset_index(n) for n in names])
     ds_config = deepspeed_config(cfg, world)
@@ -414,18 +570,18 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
                                            config=ds_config, dist_init_required=False)
     start_step = 0
     if resume:
-        start_step = load_checkpoint(engine, ckpt_root, rank)
+        start_step = load_checkpoint(engine, ckpt_root, rank, trust_pickle)
         if rank == 0:
             log.info("resumed from %s at step %d", ckpt_root / latest_tag(ckpt_root), start_step)
-    elif rank == 0 and (ckpt_root / LATEST).exists():
-        raise CheckpointError(f"{run_dir} already holds checkpoints; pass --resume to continue, "
-                              "or choose another --run-dir")
     pid_dir = run_dir / "pids"
     pid_dir.mkdir(parents=True, exist_ok=True)
     (pid_dir / f"rank{rank:05d}.pid").write_text(f"{os.getpid()} {socket.gethostname()}\n")
     if rank == 0:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+        # The configs record what the run was started with: a resume never overwrites them.
+        if not resume or not (run_dir / CONFIG_FILE).is_file():
+            (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+        if not resume or not (run_dir / DS_CONFIG_FILE).is_file():
+            (run_dir / DS_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2))
         (run_dir / "environment.json").write_text(json.dumps(_environment(world), indent=2))
     graphs = GraphDataset(datasets, model.cfg.cutoff, model.cfg.max_neighbors)
     stream = MixtureStream([len(d) for d in datasets], cfg.data.temperature, cfg.seed, cfg.data.epoch_length)
@@ -503,13 +659,18 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
             if bad_ranks:
                 bad_streak += 1
                 skipped += 1
+                culprits = nonfinite_structures(out, batch, model.dataset_names, datasets) \
+                    if rank in bad_ranks else ""
+                if culprits:
+                    log.warning("step %d, rank %d: %s", step, rank, culprits)
                 if rank == 0:
                     log.warning("step %d: non-finite loss on rank(s) %s; step skipped on every rank (%d in a row)",
                                 step, bad_ranks, bad_streak)
                 if bad_streak >= cfg.faults.nan_abort_after:
                     raise FloatingPointError(
                         f"{bad_streak} consecutive steps with a non-finite loss (last: step {step}, rank(s) "
-                        f"{bad_ranks}); aborting. Lower optim.lr or check the data.")
+                        f"{bad_ranks}{'; on this rank ' + culprits if culprits else ''}); aborting. Lower "
+                        "optim.lr or check the data.")
                 engine.zero_grad() if hasattr(engine, "zero_grad") else None
                 bar.update(1)
                 continue
@@ -580,6 +741,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
         if rank == 0:
             export = type(model)(model.cfg, model.dataset_names)
             export.load_state_dict(state)
+            export.trained_elements = merge_trained_elements(getattr(model, "trained_elements", None), datasets)
             summary["model_path"] = str(export_model(export, run_dir / "model.safetensors",
                                                      {"steps": cfg.max_steps, "world_size": world}))
             evaluation = evaluate_entries(export, cfg.eval_datasets)
@@ -598,8 +760,6 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
             metrics_file.close()
         if writer is not None:
             writer.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def parse_args(argv: list[str], finetune: bool = False) -> argparse.Namespace:
@@ -608,6 +768,12 @@ def parse_args(argv: list[str], finetune: bool = False) -> argparse.Namespace:
     p.add_argument("--run-dir", default=None, help="where checkpoints, logs and the exported model go")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoints/latest")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept a config that differs from the run's config.yaml (changes are "
+                        "logged in config_changes.jsonl; config.yaml keeps the original)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="with --resume: unpickle the DeepSpeed checkpoint fully (can run code from the file); "
+                        "by default only tensors and a short list of DeepSpeed's own classes are loaded")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if finetune:
         p.add_argument("--init", required=False, default=None,
@@ -615,6 +781,12 @@ def parse_args(argv: list[str], finetune: bool = False) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden=128 data.batch_size=32")
     return p.parse_args(argv)
+
+
+# Errors that mean bad input, a refused start or a diverged run (each names its file, key or
+# rank): reported as one line and exit code 2; anything else keeps its traceback.
+EXPECTED_ERRORS = (ConfigError, CheckpointError, ConfigChangedError, RunDirBusyError, UselessDatasetError,
+                   DatasetError, FloatingPointError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None, default_config: str = "configs/demo.yaml",
@@ -630,5 +802,12 @@ def main(argv: list[str] | None = None, default_config: str = "configs/demo.yaml
     cfg = load_config(files, overrides)
     if finetune and cfg.finetune.init is None:
         raise SystemExit("finetune: pass --init <exported model or run directory> (or finetune.init=...)")
-    run(cfg, Path(args.run_dir or default_run_dir), resume=args.resume, progress=not args.quiet)
+    if (args.allow_config_change or args.trust_pickle) and not args.resume:
+        raise SystemExit("--allow-config-change and --trust-pickle only apply with --resume")
+    try:
+        run(cfg, Path(args.run_dir or default_run_dir), resume=args.resume, progress=not args.quiet,
+            allow_config_change=args.allow_config_change, trust_pickle=args.trust_pickle)
+    except EXPECTED_ERRORS as exc:  # bad input or a refused start: the message says it all
+        log.error("%s: %s", os.environ.get("RANK") and f"rank {os.environ['RANK']}" or "error", exc)
+        return 2
     return 0

@@ -22,6 +22,7 @@ from lamm_ds.engine.config import RunConfig, to_yaml
 from lamm_ds.engine.data import fit_stats, make_loader, open_datasets
 from lamm_ds.engine.evaluate import evaluate_entries
 from lamm_ds.engine.export import export_model
+from lamm_ds.engine.guards import check_datasets_contribute, merge_trained_elements, nonfinite_structures
 from lamm_ds.graphs import AtomsBatch, GraphDataset
 from lamm_ds.loss import per_dataset_metrics, summarize_per_dataset, universal_loss
 from lamm_ds.mixture import MixtureStream
@@ -119,6 +120,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, progress: bool = True, mod
     names = [d.name for d in datasets]
     if model is None:
         model = build_model(cfg, datasets)
+    check_datasets_contribute(datasets, cfg, bool(getattr(model.cfg, "stress", False)))
     dataset_ids = torch.tensor([model.dataset_index(n) for n in names])
     graphs = GraphDataset(datasets, model.cfg.cutoff, model.cfg.max_neighbors)
     stream = MixtureStream([len(d) for d in datasets], cfg.data.temperature, cfg.seed, cfg.data.epoch_length)
@@ -142,7 +144,9 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, progress: bool = True, mod
             out = model(batch)
             loss, metrics = universal_loss(out, batch, cfg.loss)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: loss is {loss.item()} (check the data and learning rate)")
+                culprits = nonfinite_structures(out, batch, model.dataset_names, datasets)
+                raise FloatingPointError(f"step {step}: loss is {loss.item()}: {culprits} (check the data and "
+                                         "learning rate)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -174,6 +178,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, progress: bool = True, mod
             if curve.is_due(cfg, step + 1):
                 curve.record(model, step + 1)
     writer.flush()
+    model.trained_elements = merge_trained_elements(getattr(model, "trained_elements", None), datasets)
     model_path = export_model(model, run_dir / "model.safetensors", {"steps": cfg.max_steps})
     evaluation = evaluate_entries(model, cfg.eval_datasets)
     log_evaluation(writer, evaluation, cfg.max_steps)
