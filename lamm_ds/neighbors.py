@@ -14,6 +14,7 @@ Convention used everywhere in lamm-ds: an edge ``(i, j, S)`` points from centre 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -181,3 +182,39 @@ def radius_graph(
         keep = rank < max_neighbors
         i, j, s = i[keep], j[keep], s[keep]
     return Graph(i, j, s)
+
+
+# Interatomic distances below this are treated as two atoms on the same spot (a duplicated atom, a
+# unit mix-up, an atom coinciding with its own periodic image). 0.1 Å is far below any real bond
+# (H-H, the shortest, is 0.74 Å) and below the closest contacts even of datasets that sample the
+# repulsive wall of dimers (a few tenths of an Å), so no physical structure is rejected; at such a
+# distance models give NaN or huge forces, later and without naming the structure.
+MIN_INTERATOMIC_DISTANCE = 0.1
+
+
+class ShortestEdge(NamedTuple):
+    """The shortest edge of a graph: its length (Å), centre ``i``, neighbour ``j`` and image shift."""
+
+    distance: float
+    i: int
+    j: int
+    shift: tuple[int, int, int]
+
+
+def shortest_distance(positions: np.ndarray, cell: np.ndarray, graph: Graph) -> ShortestEdge:
+    """The shortest interatomic distance over all edges of ``graph`` (periodic images included).
+
+    ``graph`` is :func:`radius_graph`'s for these positions and cell. Self-image edges (``i == j``,
+    ``shift != 0``) count, so an atom that coincides with its own periodic image (a lattice vector
+    shorter than the distance) shows up too. The nearest neighbour of every atom survives the
+    ``max_neighbors`` cap, so the cap does not hide the shortest edge; pairs farther apart than the
+    graph's cutoff are not seen. No edges: ``distance`` is ``inf`` and ``i = j = -1``.
+    """
+    if graph.num_edges == 0:
+        return ShortestEdge(float("inf"), -1, -1, (0, 0, 0))
+    positions = np.asarray(positions, dtype=np.float64)
+    cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    dist = np.linalg.norm((positions[graph.j] - positions[graph.i]) + graph.shifts @ cell, axis=1)
+    k = int(np.argmin(dist))
+    shift = tuple(int(x) for x in graph.shifts[k])
+    return ShortestEdge(float(dist[k]), int(graph.i[k]), int(graph.j[k]), shift)

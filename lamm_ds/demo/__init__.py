@@ -157,6 +157,7 @@ def make_demo(out: str | os.PathLike, sizes: DemoSizes | None = None, seed: int 
             ase.io.write(tmp, atoms_list, format="extxyz")
             os.replace(tmp, file)
             ingest([str(file)], paths[name], IngestOptions(
-                name=name, level_of_theory=theory.get(name, "ASE EMT"), keys=LabelKeys(), workers=workers,
+                name=name, level_of_theory=theory.get(name, "ASE EMT"),
+                keys=LabelKeys(unlabelled=name == "demo_molecules"), workers=workers,
                 force=True, progress=progress, graph=GraphSettings(cutoff=cutoff, max_neighbors=max_neighbors)))
         return paths

@@ -15,14 +15,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lamm_ds.ingest.readers import IngestError, LabelKeys, expand_inputs, iter_source
-from lamm_ds.neighbors import TooManyPairsError, radius_graph
+from lamm_ds.ingest.readers import IngestError, LabelKeys, expand_inputs, iter_source, missing_labels_error
+from lamm_ds.neighbors import MIN_INTERATOMIC_DISTANCE, TooManyPairsError, radius_graph, shortest_distance
 from lamm_ds.shards.dataset import LmdbDataset
 from lamm_ds.shards.format import DROPPED, DatasetWriter, GraphSettings
 from lamm_ds.structure import Structure, encode
 
 DEFAULT_MAX_ATOMS = 300
 _CHUNK = 64
+# a generic reason, so that --skip-invalid's per-reason counts group these; the pair is in the detail
+COINCIDENT = f"coincident atoms (closer than {MIN_INTERATOMIC_DISTANCE:g} Å)"
 
 
 @dataclass
@@ -50,6 +52,22 @@ class IngestReport:
     dropped_by_reason: dict[str, int]
     seconds: float
     manifest: dict
+    label_counts: dict[str, int] = field(default_factory=dict)  # energy / forces / stress / unlabelled
+
+
+def _pair_text(s: Structure, edge) -> str:
+    """'atoms 3 (H) and 7 (H) are 0.01 Å apart', naming the image for a periodic pair."""
+    from ase.data import chemical_symbols
+
+    def atom(k):
+        return f"{k} ({chemical_symbols[s.numbers[k]]})"
+
+    d = f"{edge.distance:.3g} Å apart"
+    if edge.i == edge.j:
+        return f"atom {atom(edge.i)} and its own periodic image {edge.shift} are {d} (a lattice vector that short)"
+    image = f" in the periodic image {edge.shift}" if any(edge.shift) else ""
+    i, j = sorted((edge.i, edge.j)) if not image else (edge.i, edge.j)
+    return f"atoms {atom(i)} and {atom(j)}{image} are {d}"
 
 
 def _process(chunk: list[Structure], max_atoms: int | None, graph: GraphSettings, skip_invalid: bool):
@@ -69,14 +87,23 @@ def _process(chunk: list[Structure], max_atoms: int | None, graph: GraphSettings
                 # a generic reason, so the report's per-reason counts group these; numbers go in detail
                 problems.append("degenerate periodic cell (too many neighbour pairs)")
                 detail = f": {exc}"
+        if g is not None:
+            # the graph holds every pair (and self-image) within the cutoff, so this sees periodic images
+            edge = shortest_distance(s.positions, s.cell, g)
+            if edge.distance < MIN_INTERATOMIC_DISTANCE:
+                problems.append(COINCIDENT)
+                detail = f": {_pair_text(s, edge)}"
+                g = None
         if problems and not skip_invalid:
             out.append(("error", f"{where}: {'; '.join(problems)}{detail} (pass --skip-invalid to drop such "
                                  "structures and list them in the report)"))
             return out
         if g is None:
             reason = "; ".join(problems) if problems else f"more than {max_atoms} atoms"
-            out.append(("drop", {"source": s.source, "index": s.source_index, "natoms": s.natoms,
-                                 "reason": reason}))
+            entry = {"source": s.source, "index": s.source_index, "natoms": s.natoms, "reason": reason}
+            if detail:
+                entry["detail"] = detail[2:]
+            out.append(("drop", entry))
             continue
         out.append(("ok", encode(s), s.numbers, g.num_edges, s.energy is not None, s.forces is not None,
                     s.stress is not None))
@@ -90,10 +117,23 @@ def _chunks(structures: Iterable[Structure], size: int) -> Iterator[list[Structu
 
 
 def _all_structures(files: list[Path], opts: IngestOptions, counter: list[int]) -> Iterator[Structure]:
+    """Every input structure in order. A source file in which no structure has any label is an
+    error (labels under keys we did not look for would otherwise ingest as 100% unlabelled),
+    unless --unlabelled or --allow-missing-labels says that is meant."""
+    keys = opts.keys
+    check = not (keys.unlabelled or keys.allow_missing)
     for f in files:
-        for s in iter_source(f, opts.keys, opts.trust_pickle):
+        source, labelled = None, False  # one input can hold several files (a fairchem LMDB folder)
+        for s in iter_source(f, keys, opts.trust_pickle):
+            if s.source != source:
+                if check and source is not None and not labelled:
+                    raise missing_labels_error(Path(source), keys, opts.trust_pickle)
+                source, labelled = s.source, False
+            labelled = labelled or s.energy is not None or s.forces is not None or s.stress is not None
             counter[0] += 1
             yield s
+        if check and source is not None and not labelled:
+            raise missing_labels_error(Path(source), keys, opts.trust_pickle)
 
 
 def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> IngestReport:
@@ -173,7 +213,7 @@ def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> In
             pool.terminate()
             pool.join()
     return IngestReport(str(out), read[0], writer.count, len(dropped), by_reason,
-                        time.perf_counter() - start, manifest)
+                        time.perf_counter() - start, manifest, dict(manifest["label_counts"]))
 
 
 class _Worker:

@@ -62,12 +62,24 @@ def read_manifest(path: str | os.PathLike) -> dict:
         manifest = json.loads(file.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{file}: no manifest (not a lamm-ds dataset, or an unfinished ingest)") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # a flipped byte can make it invalid UTF-8
         raise ValueError(f"{file}: corrupt manifest: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{file}: corrupt manifest: not a JSON object")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{file}: format_version {version!r}, this lamm-ds reads {FORMAT_VERSION}")
+    for key, kind in _MANIFEST_FIELDS.items():  # a damaged key name would otherwise be a bare KeyError later
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{file}: corrupt manifest: {key!r} is missing or not a {kind.__name__}")
     return manifest
+
+
+# fields every reader relies on (all written by DatasetWriter.finalize and the ingest)
+_MANIFEST_FIELDS = {"name": str, "level_of_theory": str, "num_samples": int, "num_atoms": int, "elements": list,
+                    "label_counts": dict, "shard_size": int, "shards": list, "checksum": str, "graph": dict,
+                    "ingest": dict}
 
 
 @dataclass
