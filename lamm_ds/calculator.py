@@ -21,6 +21,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from lamm_ds.graphs.collate import build_sample, collate
 from lamm_ds.model.potential import Potential
+from lamm_ds.neighbors import MIN_INTERATOMIC_DISTANCE, Graph, shortest_distance
 from lamm_ds.structure import Structure
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -32,6 +33,14 @@ STRESS_HINT = ("export a model trained with model.forces=conservative model.stre
 
 class NonConservativeForcesWarning(UserWarning):
     """The model predicts forces directly: they are not the gradient of its energy."""
+
+
+class UnseenElementsWarning(UserWarning):
+    """``allow_unseen_elements=True`` and a structure holds elements the head was not trained on."""
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The model returned NaN or inf energy, forces or stress; nothing is stored in ``results``."""
 
 
 def _as_dtype(dtype) -> torch.dtype:
@@ -57,7 +66,7 @@ class LammCalculator(Calculator):
         converted copy is made, so the caller's module is never changed.
     head:
         Dataset whose energy head, reference energies and normalisation are used (a model trained
-        on several datasets has one head per dataset, i.e. per level of theory). Default: the first.
+        on several datasets has one head per dataset, i.e. per level of theory). Required when the model has several heads (an error lists them); a single-head model uses its head.
     device:
         Torch device; default ``"cuda"`` when available, else ``"cpu"``.
     dtype:
@@ -66,6 +75,10 @@ class LammCalculator(Calculator):
         differences and tighter energy conservation in long NVE runs, at a higher cost.
     neighbor_backend:
         Neighbour-list library passed to :func:`lamm_ds.neighbors.radius_graph`.
+    allow_unseen_elements:
+        A model file that records which elements each head was trained on (``trained_elements``)
+        makes a structure with other elements raise ``ValueError`` (``UnseenElementsError``);
+        ``True`` computes it anyway, with one ``UnseenElementsWarning`` per new element.
     **kwargs:
         Passed to :class:`ase.calculators.calculator.Calculator` (``label``, ``directory``, ...).
     """
@@ -74,8 +87,10 @@ class LammCalculator(Calculator):
 
     def __init__(self, model: str | os.PathLike | Potential, head: str | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype | str = torch.float32,
-                 neighbor_backend: str = "vesin", **kwargs) -> None:
+                 neighbor_backend: str = "vesin", allow_unseen_elements: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.allow_unseen_elements = bool(allow_unseen_elements)
+        self._warned_unseen: set[int] = set()
         self.dtype = _as_dtype(dtype)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.neighbor_backend = neighbor_backend
@@ -93,6 +108,9 @@ class LammCalculator(Calculator):
         self.model: Potential = model
         self.heads: list[str] = model.dataset_names
         if head is None:
+            if len(self.heads) > 1:  # each head is a level of theory: guessing one gives wrong energies
+                raise ValueError(f"this model has {len(self.heads)} energy heads ({', '.join(self.heads)}); "
+                                 "choose one with head=...")
             head = self.heads[0]
         if head not in self.heads:
             raise ValueError(f"unknown head {head!r}; this model has heads: {', '.join(self.heads)}")
@@ -118,11 +136,52 @@ class LammCalculator(Calculator):
         if numbers.size and (numbers.min() < 1 or numbers.max() > max_z):
             bad = sorted({int(z) for z in numbers if z < 1 or z > max_z})
             raise ValueError(f"atomic numbers {bad} are outside the model's range 1..{max_z}")
+        self._check_elements(numbers)
         s = Structure(numbers, atoms.positions, np.asarray(atoms.cell[:]), atoms.pbc)
         problems = [p for p in s.problems() if "atomic numbers" not in p]
         if problems:
             raise ValueError(f"cannot evaluate this structure: {'; '.join(problems)}")
         return s
+
+    def _check_elements(self, numbers) -> None:
+        from lamm_ds.engine.export import (UnseenElementsError, format_elements, unseen_elements,
+                                           unseen_elements_message)
+
+        unseen = unseen_elements(self.model, self.head, numbers)
+        if not unseen:
+            return
+        if not self.allow_unseen_elements:
+            raise UnseenElementsError(unseen_elements_message(self.model, self.head, unseen, "LammCalculator"))
+        new = sorted(set(unseen) - self._warned_unseen)
+        if new:
+            self._warned_unseen.update(new)
+            warnings.warn(f"head {self.head!r} was not trained on {format_elements(new)}: results for this "
+                          f"structure are not meaningful", UnseenElementsWarning, stacklevel=4)
+
+    @staticmethod
+    def _check_distances(sample) -> None:
+        """Atoms on (almost) the same spot give NaN or huge forces: refuse them with the pair named."""
+        st = sample.structure
+        short = shortest_distance(st.positions, st.cell, Graph(sample.edge_i, sample.edge_j, sample.shifts))
+        if short.distance < MIN_INTERATOMIC_DISTANCE:
+            image = f" (periodic image shift {list(short.shift)})" if any(short.shift) else ""
+            raise ValueError(f"atoms {short.i} and {short.j}{image} are {short.distance:.4g} Å apart, closer than "
+                             f"{MIN_INTERATOMIC_DISTANCE} Å: overlapping atoms (a duplicated atom or a unit "
+                             f"mix-up?) cannot be evaluated")
+
+    @staticmethod
+    def _check_finite(out: dict[str, torch.Tensor], natoms: int) -> None:
+        bad = []
+        for key in ("energy", "forces", "stress"):
+            if key in out and not bool(torch.isfinite(out[key]).all()):
+                if key == "forces":
+                    rows = torch.nonzero(~torch.isfinite(out[key]).all(dim=1)).reshape(-1).tolist()
+                    bad.append(f"forces on {len(rows)} of {natoms} atoms (e.g. atom {rows[0]})")
+                else:
+                    bad.append(key)
+        if bad:
+            raise NonFiniteOutputError(f"the model returned non-finite (NaN/inf) {', '.join(bad)} for this structure; "
+                                       f"nothing was stored (check the geometry and the model file)")
 
     def _stress_allowed(self, atoms) -> bool:
         return bool(np.any(atoms.pbc)) and abs(float(np.linalg.det(atoms.cell[:]))) > _MIN_VOLUME
@@ -161,7 +220,9 @@ class LammCalculator(Calculator):
         # A new neighbour list for every geometry: ASE only calls calculate() when the atoms changed.
         sample = build_sample(self._structure(atoms), self.cutoff, self.max_neighbors,
                               dataset_id=self.dataset_id, backend=self.neighbor_backend)
+        self._check_distances(sample)
         out = self._forward(sample)
+        self._check_finite(out, len(atoms))
 
         energy = float(out["energy"].detach()[0].double().cpu())
         self.results["energy"] = energy

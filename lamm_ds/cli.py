@@ -17,7 +17,8 @@ def _cmd_ingest(args) -> int:
         name=args.name,
         level_of_theory=args.level_of_theory,
         keys=LabelKeys(energy=args.energy_key, forces=args.forces_key, stress=args.stress_key,
-                       stress_unit=args.stress_unit, allow_missing=args.allow_missing_labels),
+                       stress_unit=args.stress_unit, allow_missing=args.allow_missing_labels,
+                       unlabelled=args.unlabelled),
         max_atoms=None if args.max_atoms <= 0 else args.max_atoms,
         graph=GraphSettings(cutoff=args.cutoff, max_neighbors=args.max_neighbors, backend=args.nl_backend),
         shard_size=args.shard_size,
@@ -28,7 +29,9 @@ def _cmd_ingest(args) -> int:
         progress=not args.quiet,
     )
     report = ingest(args.inputs, args.out, opts)
-    print(f"{report.path}: read {report.read}, wrote {report.written}, dropped {report.dropped} "
+    lc = report.label_counts
+    print(f"{report.path}: read {report.read}, wrote {report.written} (energy {lc['energy']}, forces "
+          f"{lc['forces']}, stress {lc['stress']}, unlabelled {lc['unlabelled']}), dropped {report.dropped} "
           f"in {report.seconds:.1f} s")
     for reason, count in sorted(report.dropped_by_reason.items()):
         print(f"  dropped {count}: {reason} (see {report.path}/dropped.jsonl)")
@@ -104,36 +107,57 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    from pathlib import Path
+
     from lamm_ds import load_model
-    from lamm_ds.engine.evaluate import choose_head, evaluate, load_structures, parity_plot
+    from lamm_ds.engine.evaluate import (check_elements, choose_head, evaluate, load_structures, parity_plot,
+                                         plot_name, result_keys)
+    from lamm_ds.shards import is_dataset_dir
 
     model = load_model(args.model)
-    results = {}
+    inputs = []
     for source in args.data:
         name, structures = load_structures(source)
-        head = choose_head(model, name, args.head)
-        res = evaluate(model, structures, head=head, batch_size=args.batch_size, return_predictions=True)
+        # only a lamm-ds dataset's manifest name may select a head: a file's stem says nothing
+        head = choose_head(model, name if is_dataset_dir(source) else None, args.head, what=str(source),
+                           hint="pass --head NAME")
+        if not args.allow_unseen_elements:  # all inputs checked before any is evaluated
+            check_elements(model, head, structures, str(source), override="--allow-unseen-elements")
+        inputs.append((source, name, structures, head))
+    keys = result_keys([(source, name) for source, name, _, _ in inputs])
+    plots = set()
+    results = {}
+    for key, (source, name, structures, head) in zip(keys, inputs):
+        res = evaluate(model, structures, head=head, batch_size=args.batch_size, return_predictions=True,
+                       allow_unseen_elements=args.allow_unseen_elements, source=str(source))
         preds = res.pop("predictions")
         res["head"] = head
         res["source"] = str(source)
         if args.plot_dir:
-            res["parity_plot"] = str(parity_plot(preds, f"{args.plot_dir}/parity_{name}.png", name))
-        results[name] = res
+            fname = plot_name(key)
+            while fname in plots:
+                fname = fname.removesuffix(".png") + "_.png"
+            plots.add(fname)
+            res["parity_plot"] = str(parity_plot(preds, Path(args.plot_dir) / fname, key))
+        results[key] = res
     if args.json:
         print(json.dumps(results, indent=2))
     else:
+        from lamm_ds.engine.export import format_elements
+
         for name, r in results.items():
             print(f"{name} ({r['structures']} structures, head {r['head']}): "
                   f"energy MAE {r['energy_mae'] * 1000:.2f} meV ({r['energy_mae_per_atom'] * 1000:.2f} meV/atom), "
                   f"RMSE {r['energy_rmse'] * 1000:.2f} meV; force MAE {r['forces_mae'] * 1000:.2f} meV/Å, "
-                  f"RMSE {r['forces_rmse'] * 1000:.2f} meV/Å" + (f"; plot {r['parity_plot']}" if "parity_plot" in r else ""))
+                  f"RMSE {r['forces_rmse'] * 1000:.2f} meV/Å" + (f"; plot {r['parity_plot']}" if "parity_plot" in r else "")
+                  + (f"; NOT TRAINED ON {format_elements(r['unseen_elements'])}" if "unseen_elements" in r else ""))
     return 0
 
 
 def _cmd_convert_fairchem(args) -> int:
     from lamm_ds.model.convert_fairchem import convert_fairchem
 
-    path = convert_fairchem(args.checkpoint, args.out, dataset=args.dataset)
+    path = convert_fairchem(args.checkpoint, args.out, dataset=args.dataset, trust_pickle=args.trust_pickle)
     print(f"{args.checkpoint} -> {path} (EquiformerV2, energy head {args.dataset!r})")
     return 0
 
@@ -163,6 +187,19 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
+def _configured_ranks(cfg, run_dir: str | None) -> int:
+    """The rank count a plan report is for: schedule.plan_ranks, else the world size of --run-dir's run."""
+    from pathlib import Path
+
+    if cfg.schedule.plan_ranks:
+        return cfg.schedule.plan_ranks
+    env = Path(run_dir) / "environment.json" if run_dir else None
+    if env is not None and env.is_file():
+        return int(json.loads(env.read_text())["world_size"])
+    raise ValueError("plan-report: pass --ranks N (the number of ranks you train on): the config does not set "
+                     "schedule.plan_ranks" + (f" and {env} does not exist" if env else " and no --run-dir was given"))
+
+
 def _cmd_plan_report(args) -> int:
     from pathlib import Path
 
@@ -170,7 +207,8 @@ def _cmd_plan_report(args) -> int:
     from lamm_ds.engine.schedule import plan_report
 
     cfg = load_config(args.config or ["configs/demo.yaml"], args.overrides)
-    res = plan_report(cfg, args.ranks, args.steps, args.out, strategies=args.strategies or None,
+    ranks = args.ranks or _configured_ranks(cfg, args.run_dir)
+    res = plan_report(cfg, ranks, args.steps, args.out, strategies=args.strategies or None,
                       run_dir=Path(args.run_dir) if args.run_dir else None)
     if args.json:
         print(json.dumps(res, indent=2))
@@ -196,7 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stress-key", default=None, help="info key of the stress (default: 'stress' if present)")
     p.add_argument("--stress-unit", default="eV/A3", choices=sorted(EV_PER_A3), help="unit of the stored stress")
     p.add_argument("--allow-missing-labels", action="store_true",
-                   help="store structures lacking an explicitly named label as unlabelled instead of failing")
+                   help="store structures lacking an explicitly named label without it instead of failing, "
+                        "and accept a file in which no structure has any label")
+    p.add_argument("--unlabelled", action="store_true",
+                   help="store every structure without labels, even where the file has some (e.g. force-field "
+                        "energies); a file with no labels at all is an error without this")
     p.add_argument("--max-atoms", type=int, default=300, help="drop larger structures (<=0: keep all)")
     p.add_argument("--cutoff", type=float, default=6.0, help="cutoff for the stored edge counts (Å)")
     p.add_argument("--max-neighbors", type=int, default=50, help="neighbour cap for the stored edge counts")
@@ -207,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow reading pickled fairchem/OCP LMDBs (unpickling can run arbitrary code)")
     p.add_argument("--skip-invalid", action="store_true",
-                   help="drop (and report) structures with NaN/inf values instead of failing")
+                   help="drop (and report) invalid structures (NaN/inf values, bad atomic numbers or cells, "
+                        "coincident atoms) instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_ingest)
 
@@ -245,16 +288,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="energy/force MAE and RMSE of an exported model, with parity plots")
     p.add_argument("model", help="exported model file (model.safetensors)")
     p.add_argument("data", nargs="+", help="lamm-ds dataset directories or ASE-readable files")
-    p.add_argument("--head", default=None, help="energy head to use (default: the dataset's name, else the first)")
+    p.add_argument("--head", default=None,
+                   help="energy head to use (default: the model's only head, or the head named like a lamm-ds "
+                        "dataset's manifest name; otherwise required)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--plot-dir", default=".", help="where parity_<name>.png goes ('' for no plots)")
+    p.add_argument("--plot-dir", default=None, help="write parity_<name>.png plots into this directory (default: none)")
+    p.add_argument("--allow-unseen-elements", action="store_true",
+                   help="evaluate structures with elements the head was not trained on (refused by default)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("convert-fairchem", help="convert a fairchem EquiformerV2 checkpoint to a lamm-ds model file")
-    p.add_argument("checkpoint", help="fairchem .pt checkpoint (unpickled: only convert files you trust)")
+    p.add_argument("checkpoint", help="fairchem .pt checkpoint (read with torch.load(weights_only=True))")
     p.add_argument("out", help="output model file (.safetensors), loadable by lamm_ds.load_model")
     p.add_argument("--dataset", default="fairchem", help="name of the energy head (dataset) in the lamm-ds model")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="fully unpickle a checkpoint that weights-only loading refuses (this can run arbitrary "
+                        "code: only for files you trust)")
     p.set_defaults(func=_cmd_convert_fairchem)
 
     p = sub.add_parser("calibrate", help="time real micro-batches and fit the scheduler's cost model")
@@ -274,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan-report", help="draw predicted per-rank load of naive vs balanced plans (PNG)")
     p.add_argument("--config", action="append", default=None, help="YAML config (repeatable; default configs/demo.yaml)")
-    p.add_argument("--ranks", type=int, default=8, help="number of ranks to plan for")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="number of ranks to plan for (default: schedule.plan_ranks, else the world size of --run-dir)")
     p.add_argument("--steps", type=int, default=64, help="steps to plan")
     p.add_argument("--out", default="plan_report.png")
     p.add_argument("--strategies", nargs="+", default=None,

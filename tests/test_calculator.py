@@ -280,7 +280,9 @@ def test_head_selection_and_unknown_head(trained):
     model.add_dataset("dft_b", stats_b, init_from="emt")
     model.eval()
     atoms = cu_cell(rattle=0.1, seed=13)
-    default = LammCalculator(model, device="cpu")
+    with pytest.raises(ValueError, match="2 energy heads \\(emt, dft_b\\); choose one with head="):
+        LammCalculator(model, device="cpu")  # two levels of theory: no default
+    default = LammCalculator(model, head="emt", device="cpu")
     other = LammCalculator(model, head="dft_b", device="cpu")
     assert default.head == "emt" and other.head == "dft_b"
     shift = len(atoms) * (0.25 + 0.01)

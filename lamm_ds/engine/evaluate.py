@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,9 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lamm_ds.engine.export import UnseenElementsError, format_elements, unseen_elements, unseen_elements_message
 from lamm_ds.graphs import build_sample, collate
 from lamm_ds.model.potential import Potential
 from lamm_ds.structure import Structure
+
+log = logging.getLogger("lamm_ds")
 
 
 def load_structures(source: str | Path) -> tuple[str, Sequence[Structure]]:
@@ -29,17 +33,70 @@ def load_structures(source: str | Path) -> tuple[str, Sequence[Structure]]:
     return Path(source).stem, list(iter_source(Path(source), LabelKeys()))
 
 
-def choose_head(model: Potential, name: str, explicit: str | None = None) -> str:
-    """The energy head for a dataset: the explicit one, else the dataset's own name, else the first."""
-    return explicit or (name if name in model.dataset_names else model.dataset_names[0])
+def choose_head(model: Potential, name: str | None, explicit: str | None = None, *, what: str | None = None,
+                hint: str = "set head: in its eval_datasets entry") -> str:
+    """The energy head for an evaluation set.
+
+    ``explicit`` wins (an unknown head is an error listing the heads); else a single-head model's
+    head; else the head named ``name`` (a configured set's name, or a lamm-ds dataset's manifest
+    name; pass ``None`` for a plain file, whose name says nothing about its level of theory); else
+    ``ValueError`` listing the heads, saying what to do (``hint``). Never a silent first-head fallback.
+    """
+    heads = model.dataset_names
+    if explicit is not None:
+        if explicit not in heads:
+            raise ValueError(f"unknown head {explicit!r}; this model has heads: {', '.join(heads)}")
+        return explicit
+    if len(heads) == 1:
+        return heads[0]
+    if name is not None and name in heads:
+        return name
+    label = what or (repr(name) if name is not None else "this input")
+    named = f" and none is named {name!r}" if name is not None else ""
+    raise ValueError(f"cannot tell which energy head to use for {label}: the model has {len(heads)} heads "
+                     f"({', '.join(heads)}){named}; {hint}")
 
 
-def evaluate_entries(model: Potential, entries) -> dict[str, dict]:
-    """:func:`evaluate` for each configured ``DatasetConfig`` (name, path, optional head)."""
+def elements_of(structures) -> list[int]:
+    """Sorted atomic numbers occurring in ``structures`` (a lamm-ds dataset: from its manifest)."""
+    manifest = getattr(structures, "manifest", None)
+    if isinstance(manifest, dict) and "elements" in manifest:
+        return sorted(int(z) for z in manifest["elements"])
+    present: set[int] = set()
+    for k in range(len(structures)):
+        present.update(int(z) for z in np.unique(structures[k].numbers))
+    return sorted(present)
+
+
+def _unseen_in(model: Potential, head: str, structures) -> list[int]:
+    trained = getattr(model, "trained_elements", None)
+    if not trained or head not in trained:  # coverage unknown: nothing to check (and no pass over the data)
+        return []
+    return unseen_elements(model, head, elements_of(structures))
+
+
+def check_elements(model: Potential, head: str, structures, source: str | None = None,
+                   override: str = "allow_unseen_elements=True") -> None:
+    """Raise :class:`UnseenElementsError` if ``structures`` hold elements ``head`` was not trained on,
+    checked once over the union of their elements (so the message lists every offender). No-op
+    when the model does not record the head's coverage."""
+    unseen = _unseen_in(model, head, structures)
+    if unseen:
+        raise UnseenElementsError(unseen_elements_message(model, head, unseen, source, override))
+
+
+def evaluate_entries(model: Potential, entries, allow_unseen_elements: bool = True) -> dict[str, dict]:
+    """:func:`evaluate` for each configured ``DatasetConfig`` (name, path, optional head).
+
+    Training-time evaluation: elements a head was not trained on are logged as a warning and listed
+    under ``unseen_elements`` in that set's result (``allow_unseen_elements=False`` raises instead).
+    """
     results = {}
     for entry in entries:
         _, structures = load_structures(entry.path)
-        results[entry.name] = evaluate(model, structures, head=choose_head(model, entry.name, entry.head))
+        head = choose_head(model, entry.name, entry.head, what=f"eval dataset {entry.name!r}")
+        results[entry.name] = evaluate(model, structures, head=head, allow_unseen_elements=allow_unseen_elements,
+                                       source=f"eval dataset {entry.name!r} ({entry.path})")
     return results
 
 
@@ -54,12 +111,13 @@ class PreparedEvalSet:
     cutoff: float
     max_neighbors: int | None
 
-    def evaluate(self, model: Potential, batch_size: int = 32) -> dict:
+    def evaluate(self, model: Potential, batch_size: int = 32, allow_unseen_elements: bool = True) -> dict:
         if (model.cfg.cutoff, model.cfg.max_neighbors) != (self.cutoff, self.max_neighbors):
             raise ValueError(f"evaluation set {self.name!r} was prepared at cutoff {self.cutoff} / max_neighbors "
                              f"{self.max_neighbors}, the model uses {model.cfg.cutoff} / {model.cfg.max_neighbors}")
-        head = choose_head(model, self.name, self.head)
-        return evaluate(model, self.structures, head=head, batch_size=batch_size, samples=self.samples)
+        head = choose_head(model, self.name, self.head, what=f"eval dataset {self.name!r}")
+        return evaluate(model, self.structures, head=head, batch_size=batch_size, samples=self.samples,
+                        allow_unseen_elements=allow_unseen_elements, source=f"eval dataset {self.name!r}")
 
 
 def prepare_eval_sets(entries, cutoff: float, max_neighbors: int | None,
@@ -107,13 +165,26 @@ def _predict(model, batch):
 
 
 def evaluate(model: Potential, structures: Sequence[Structure], head: str, batch_size: int = 16,
-             return_predictions: bool = False, samples: Sequence | None = None) -> dict:
+             return_predictions: bool = False, samples: Sequence | None = None,
+             allow_unseen_elements: bool = False, source: str | None = None) -> dict:
     """MAE/RMSE of energy (eV per structure and eV/atom) and forces (eV/Å per component).
 
     ``samples``: graphs already built for ``structures`` at the model's cutoff (any dataset id).
+    Elements ``head`` was not trained on (``model.trained_elements``, checked once over all
+    structures) raise :class:`~lamm_ds.engine.export.UnseenElementsError`, whose message names
+    ``source``; ``allow_unseen_elements=True`` evaluates anyway, logs a warning and lists them in
+    the result under ``unseen_elements``.
     """
     if samples is not None and len(samples) != len(structures):
         raise ValueError(f"{len(samples)} prepared graphs for {len(structures)} structures")
+    if head not in model.dataset_names:
+        raise ValueError(f"unknown head {head!r}; this model has heads: {', '.join(model.dataset_names)}")
+    unseen = _unseen_in(model, head, structures)
+    if unseen and not allow_unseen_elements:
+        raise UnseenElementsError(unseen_elements_message(model, head, unseen, source))
+    if unseen:
+        log.warning("%shead %r was not trained on %s: its errors there are not meaningful",
+                    f"{source}: " if source else "", head, format_elements(unseen))
     was_training = model.training
     model.eval()
     cfg = model.cfg
@@ -166,10 +237,48 @@ def evaluate(model: Potential, structures: Sequence[Structure], head: str, batch
         "energy_mae_per_atom": mae(e_err_atom), "energy_rmse_per_atom": rmse(e_err_atom),
         "forces_mae": mae(f), "forces_rmse": rmse(f),
     }
+    if unseen:
+        result["unseen_elements"] = unseen
     if return_predictions:
         result["predictions"] = {k: (np.concatenate(v) if k.startswith("forces") and v else np.asarray(v))
                                  for k, v in preds.items()}
     return result
+
+
+def result_keys(inputs: Sequence[tuple[str | Path, str]]) -> list[str]:
+    """Unique result names for evaluation inputs given as (path, name).
+
+    The name (dataset name or file stem) when unique; otherwise as many parent directory names
+    (for a dataset directory: its own name first) as it takes to tell the inputs apart
+    (``Si/test``, ``Mo/test``); the same path given twice gets ``#2``, ``#3``, ...
+    """
+    names = [str(n) for _, n in inputs]
+    keys = list(names)
+    for name in set(names):
+        group = [k for k, n in enumerate(names) if n == name]
+        if len(group) < 2:
+            continue
+        parents = []
+        for k in group:  # a dataset directory's own name counts as one of its "parents"
+            loc = Path(inputs[k][0]).resolve()
+            parents.append((loc.parts if loc.is_dir() and loc.name != name else loc.parent.parts)[1:])
+        for d in range(1, max(len(p) for p in parents) + 1):
+            cand = ["/".join([*p[max(len(p) - d, 0):], name]) for p in parents]
+            if len(set(cand)) == len(cand):
+                for k, c in zip(group, cand):
+                    keys[k] = c
+                break
+    seen: dict[str, int] = {}
+    for k, key in enumerate(keys):
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:
+            keys[k] = f"{key}#{seen[key]}"
+    return keys
+
+
+def plot_name(key: str) -> str:
+    """File name of the parity plot of result ``key`` (``/`` -> ``_``)."""
+    return "parity_" + key.replace("/", "_").replace("#", "_") + ".png"
 
 
 def parity_plot(predictions: dict, path: str | Path, title: str) -> Path:

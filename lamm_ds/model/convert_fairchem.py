@@ -17,13 +17,18 @@ lin_ref[Z_i]) + mean + sum_i elementref[Z_i]`` and ``F = force_std * f``; lamm-d
 ``std`` as energy_std, ``mean`` as the per-structure energy offset, ``std * lin_ref + elementref``
 as references and ``force_std`` as force_std.
 
-Loading a checkpoint unpickles it (``torch.load(weights_only=False)``): only convert files you trust.
+A checkpoint is read with ``torch.load(weights_only=True)``, which builds tensors and plain
+containers only and never runs code from the file (numpy scalars and dtypes are allowed too, see
+:data:`SAFE_GLOBALS`). A file that needs anything else is refused, naming the global it asked for;
+``trust_pickle=True`` (``--trust-pickle``) unpickles it fully, which can run arbitrary code: only
+for files you trust.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -62,6 +67,108 @@ _SKIP = re.compile(r"(^|\.)(SO3_rotation|mappingReduced|SO3_grid|mapping)\.|(^|\
 
 class ConversionError(ValueError):
     """The checkpoint is not a supported EquiformerV2 checkpoint; the message says why."""
+
+
+class UnsafeCheckpointError(ConversionError):
+    """Weights-only loading refused the checkpoint (it needs a global outside the allow-list)."""
+
+
+def _numpy_safe_globals() -> list:
+    """numpy scalars (e.g. a ``np.float64`` learning rate or metric in the config) and their dtypes.
+
+    A pickled numpy scalar is ``scalar(dtype(code), raw bytes)``: no code from the file runs. Pickles
+    written under numpy 1.x name ``numpy.core.multiarray.scalar``, under numpy 2.x
+    ``numpy._core.multiarray.scalar``: both names are allowed. numpy arrays are not (fairchem
+    stores normalisers and element references as tensors).
+    """
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    # np.dtype rebuilds a scalar's dtype; unpickling then sets its state on the dtype's own class
+    # (numpy >= 1.25: numpy.dtypes.Float64DType etc.), so the numeric dtype classes are needed too
+    dtype_classes = {type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"} - {np.dtype}
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype,
+            *sorted(dtype_classes, key=lambda c: c.__name__)]
+
+
+#: what weights-only loading accepts beyond torch's defaults (tensors, dicts, lists, numbers, ...)
+SAFE_GLOBALS = _numpy_safe_globals()
+
+
+def _unsafe_global(message: str) -> str | None:
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    return m.group(1) if m else None
+
+
+def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
+    """A fairchem checkpoint file as a dict; weights-only unless ``trust_pickle``. Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if not head:
+        raise ConversionError(f"{path}: empty file, not a PyTorch checkpoint")
+    # torch.save writes a zip archive (PK...) or, in the legacy format, a pickle (0x80, protocol)
+    if head != b"PK" and head[:1] != b"\x80":
+        raise ConversionError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
+    try:
+        if trust_pickle:
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        if not trust_pickle and isinstance(exc, pickle.UnpicklingError) and "eights only" in text:
+            names = _unsafe_globals(path, head == b"PK") or [n for n in [_unsafe_global(text)] if n]
+            if names:
+                raise UnsafeCheckpointError(
+                    f"{path}: refusing to load: the checkpoint needs the Python global(s) {', '.join(names)}, "
+                    f"which weights-only loading does not allow (unpickling them could run code from the file); "
+                    f"pass --trust-pickle (trust_pickle=True) to load it anyway, only for files you trust") from None
+            raise UnsafeCheckpointError(
+                f"{path}: refusing to load: weights-only unpickling failed ({_weights_only_detail(text)}): a "
+                f"corrupt file, or a pickle that is not a plain checkpoint; pass --trust-pickle "
+                f"(trust_pickle=True) to unpickle it fully, only for files you trust") from None
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint "
+                              f"({type(exc).__name__}: {text[:200]})") from None
+    if not isinstance(ckpt, dict):
+        raise ConversionError(f"{path}: not a fairchem checkpoint (a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
+def _allowed_names() -> set[str]:
+    out = set()
+    for g in SAFE_GLOBALS:
+        out.add(g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}")
+    return out
+
+
+def _unsafe_globals(path: Path, is_zip: bool) -> list[str]:
+    """Every global a torch.save zip checkpoint needs beyond the allow-list (read without unpickling)."""
+    if not is_zip:
+        return []
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        return []
+    allowed = _allowed_names()
+    return sorted(g for g in found if g not in allowed)
+
+
+def _weights_only_detail(text: str) -> str:
+    """The unpickler's own reason, from torch's long weights-only error message."""
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        for line in text.split(marker, 1)[1].splitlines():
+            if line.strip():
+                return line.strip()
+    for line in text.splitlines():
+        if line.strip().startswith(("Trying to load", "Unsupported", "Can only build")):
+            return line.strip()
+    return "see torch.load(weights_only=True)"
 
 
 def model_section(config: dict) -> tuple[dict, dict, bool]:
@@ -183,15 +290,18 @@ def _normalizers(ckpt: dict) -> tuple[float, float, float, float]:
 
 
 def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem",
-                       dtype: torch.dtype = torch.float32) -> EquiformerV2Potential:
-    """A lamm-ds :class:`EquiformerV2Potential` equivalent to the fairchem checkpoint (eval mode)."""
+                       dtype: torch.dtype = torch.float32, trust_pickle: bool = False) -> EquiformerV2Potential:
+    """A lamm-ds :class:`EquiformerV2Potential` equivalent to the fairchem checkpoint (eval mode).
+
+    A path is read with :func:`load_checkpoint` (weights-only unless ``trust_pickle``). The result's
+    ``trained_elements`` is ``None``: a checkpoint does not say which elements it was trained on.
+    """
     if not isinstance(ckpt, dict):
-        path = Path(ckpt)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such checkpoint")
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt, trust_pickle=trust_pickle)
     if "state_dict" not in ckpt or "config" not in ckpt:
         raise ConversionError("not a fairchem checkpoint (needs 'state_dict' and 'config')")
+    if not isinstance(ckpt["state_dict"], dict) or not isinstance(ckpt["config"], dict):
+        raise ConversionError("not a fairchem checkpoint ('state_dict' and 'config' must be dicts)")
     backbone_kw, heads, monolithic = model_section(ckpt["config"])
     energy_head, force_head, other_heads = _head_names(heads)
     reduce = "sum"
@@ -242,9 +352,19 @@ def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem"
     return model.eval()
 
 
-def convert_fairchem(checkpoint: str | os.PathLike, out: str | os.PathLike, dataset: str = "fairchem") -> Path:
-    """``lamm-ds convert-fairchem``: write the converted model as a lamm-ds export."""
+def convert_fairchem(checkpoint: str | os.PathLike, out: str | os.PathLike, dataset: str = "fairchem",
+                     trust_pickle: bool = False) -> Path:
+    """``lamm-ds convert-fairchem``: write the converted model as a lamm-ds export.
+
+    ``trust_pickle=True`` unpickles a checkpoint that weights-only loading refuses (can run code
+    from the file: only for files you trust). Errors name the checkpoint.
+    """
     from lamm_ds.engine.export import export_model
 
-    model = convert_checkpoint(checkpoint, dataset)
+    ckpt = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
+    try:
+        model = convert_checkpoint(ckpt, dataset)
+    except ConversionError as exc:
+        raise ConversionError(f"{checkpoint}: {exc}") from None
+    model.trained_elements = None  # unknown for a converted checkpoint
     return export_model(model, out, {"converted_from": str(checkpoint), "source": "fairchem EquiformerV2"})

@@ -25,6 +25,11 @@ _MIN_VOLUME = 1e-6  # Å^3; below this a "periodic" cell is degenerate and gets 
 
 
 class Potential(nn.Module):
+    #: ``{head name: sorted atomic numbers that head was trained on}``, or ``None`` when unknown.
+    #: Stored in exported files; used to refuse structures with elements a head never saw
+    #: (:func:`lamm_ds.engine.export.unseen_elements`). A head without an entry has unknown coverage.
+    trained_elements: dict[str, list[int]] | None = None
+
     def __init__(self, cfg: PaiNNConfig, dataset_names: list[str],
                  stats: dict[str, DatasetStats] | None = None) -> None:
         super().__init__()
@@ -54,6 +59,8 @@ class Potential(nn.Module):
         """New energy head (backbone and force head shared); returns its dataset index.
 
         ``init_from`` copies the MLP weights of an existing head (a warm start for fine-tuning).
+        ``trained_elements`` keeps its entries; the new head gets none (unknown coverage) until the
+        training that fits it records one.
         """
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"dataset name must be a non-empty string without '.', got {name!r}")
