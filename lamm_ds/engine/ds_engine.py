@@ -780,7 +780,7 @@ def parse_args(argv: list[str], finetune: bool = False) -> argparse.Namespace:
                        help="pre-trained model: exported file, or a run directory holding model.safetensors")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden=128 data.batch_size=32")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may follow key=value overrides
 
 
 # Errors that mean bad input, a refused start or a diverged run (each names its file, key or
@@ -799,12 +799,12 @@ def main(argv: list[str] | None = None, default_config: str = "configs/demo.yaml
     if finetune and args.init is not None:
         overrides.append(f"finetune.init={args.init}")
     files = [str(_resolve(f)) for f in (args.config or [default_config])]
-    cfg = load_config(files, overrides)
-    if finetune and cfg.finetune.init is None:
-        raise SystemExit("finetune: pass --init <exported model or run directory> (or finetune.init=...)")
     if (args.allow_config_change or args.trust_pickle) and not args.resume:
         raise SystemExit("--allow-config-change and --trust-pickle only apply with --resume")
     try:
+        cfg = load_config(files, overrides)
+        if finetune and cfg.finetune.init is None:
+            raise SystemExit("finetune: pass --init <exported model or run directory> (or finetune.init=...)")
         run(cfg, Path(args.run_dir or default_run_dir), resume=args.resume, progress=not args.quiet,
             allow_config_change=args.allow_config_change, trust_pickle=args.trust_pickle)
     except EXPECTED_ERRORS as exc:  # bad input or a refused start: the message says it all
