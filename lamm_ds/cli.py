@@ -35,7 +35,24 @@ def _cmd_ingest(args) -> int:
           f"in {report.seconds:.1f} s")
     for reason, count in sorted(report.dropped_by_reason.items()):
         print(f"  dropped {count}: {reason} (see {report.path}/dropped.jsonl)")
+    for note in report.notes:
+        print(f"  note: {note}")
     return 0
+
+
+def _check_index_against_manifest(ds, manifest: dict) -> None:
+    """The memory-mapped index arrays must agree with the manifest's totals (one pass over them, far
+    cheaper than ``verify``), so ``info`` never prints what a damaged index array holds."""
+    idx = ds.index
+    found = {"num_atoms": int(idx["natoms"].sum(dtype="int64")),
+             "energy": int(idx["has_energy"].astype(bool).sum()), "forces": int(idx["has_forces"].astype(bool).sum()),
+             "stress": int(idx["has_stress"].astype(bool).sum())}
+    want = {"num_atoms": manifest["num_atoms"], **{k: manifest["label_counts"].get(k) for k in ("energy", "forces",
+                                                                                                  "stress")}}
+    bad = [f"{k}: index {found[k]}, manifest {want[k]}" for k in found if found[k] != want[k]]
+    if bad or (len(ds) and idx["natoms"].min() < 1):
+        raise ValueError(f"{ds.path}: the index arrays disagree with the manifest ({'; '.join(bad) or 'empty structure'}): "
+                         f"the dataset is corrupt; `lamm-ds verify {ds.path}` checks every record")
 
 
 def _cmd_info(args) -> int:
@@ -47,6 +64,7 @@ def _cmd_info(args) -> int:
         return 0
     ds = LmdbDataset(args.dir)
     lc = manifest["label_counts"]
+    _check_index_against_manifest(ds, manifest)
     print(f"{manifest['name']} ({manifest['level_of_theory']}): {len(ds)} structures, "
           f"{manifest['num_atoms']} atoms, {len(manifest['shards'])} shard(s)")
     print(f"  labels: energy {lc['energy']}, forces {lc['forces']}, stress {lc['stress']}, "
@@ -338,7 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides given after an option land here (argparse cannot interleave them)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except BrokenPipeError:  # e.g. `lamm-ds info DIR | head`

@@ -36,8 +36,8 @@ import torch.distributed as dist
 from lamm_ds.engine.config import ConfigError, RunConfig, load_config, model_config, to_yaml
 from lamm_ds.engine.data import fit_stats, open_datasets
 from lamm_ds.engine.evaluate import evaluate_entries
-from lamm_ds.engine.guards import (UselessDatasetError, check_datasets_contribute, merge_trained_elements,
-                                  nonfinite_structures)
+from lamm_ds.engine.guards import (UselessDatasetError, check_datasets_contribute, check_eval_heads,
+                                  merge_trained_elements, nonfinite_structures)
 from lamm_ds.engine.launcher_watch import watch_launcher
 from lamm_ds.engine.rundir import (CONFIG_FILE, DS_CONFIG_FILE, ConfigChangedError, RunDirBusyError, RunDirLock,
                                    check_resume_config)
@@ -552,6 +552,7 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is smaller than the {plan_ranks} ranks")
     model = build_or_init_model(cfg, datasets, rank)
     check_datasets_contribute(datasets, cfg, bool(getattr(model.cfg, "stress", False)))
+    check_eval_heads(model, cfg.eval_datasets)
     names = [d.name for d in datasets]
     ds_ids = torch.tensor([model.dataset_index(n) for n in names])
     ds_config = deepspeed_config(cfg, world)

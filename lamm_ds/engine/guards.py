@@ -97,3 +97,16 @@ def nonfinite_structures(out: dict, batch, head_names: list[str], datasets, limi
     more = f" and {len(graphs) - limit} more" if len(graphs) > limit else ""
     kind = "non-finite predictions for" if bad.any() else "a non-finite loss over"
     return f"{kind} {', '.join(parts)}{more}"
+
+
+def check_eval_heads(model, entries) -> None:
+    """Every configured evaluation set must name its head unambiguously, checked before training
+    (not at the final evaluation, after hours of compute)."""
+    from lamm_ds.engine.config import ConfigError
+    from lamm_ds.engine.evaluate import choose_head
+
+    for entry in entries:
+        try:
+            choose_head(model, entry.name, entry.head, what=f"eval dataset {entry.name!r} ({entry.path})")
+        except ValueError as exc:
+            raise ConfigError(f"eval_datasets: {exc}") from None

@@ -22,7 +22,8 @@ from lamm_ds.engine.config import RunConfig, to_yaml
 from lamm_ds.engine.data import fit_stats, make_loader, open_datasets
 from lamm_ds.engine.evaluate import evaluate_entries
 from lamm_ds.engine.export import export_model
-from lamm_ds.engine.guards import check_datasets_contribute, merge_trained_elements, nonfinite_structures
+from lamm_ds.engine.guards import (check_datasets_contribute, check_eval_heads, merge_trained_elements,
+                                  nonfinite_structures)
 from lamm_ds.graphs import AtomsBatch, GraphDataset
 from lamm_ds.loss import per_dataset_metrics, summarize_per_dataset, universal_loss
 from lamm_ds.mixture import MixtureStream
@@ -121,6 +122,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, progress: bool = True, mod
     if model is None:
         model = build_model(cfg, datasets)
     check_datasets_contribute(datasets, cfg, bool(getattr(model.cfg, "stress", False)))
+    check_eval_heads(model, cfg.eval_datasets)
     dataset_ids = torch.tensor([model.dataset_index(n) for n in names])
     graphs = GraphDataset(datasets, model.cfg.cutoff, model.cfg.max_neighbors)
     stream = MixtureStream([len(d) for d in datasets], cfg.data.temperature, cfg.seed, cfg.data.epoch_length)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lamm_ds.ingest.readers import IngestError, LabelKeys, expand_inputs, iter_source, missing_labels_error
+from lamm_ds.ingest.readers import (IngestError, LabelKeys, expand_inputs, iter_source, label_key_candidates,
+                                    missing_labels_error)
 from lamm_ds.neighbors import MIN_INTERATOMIC_DISTANCE, TooManyPairsError, radius_graph, shortest_distance
 from lamm_ds.shards.dataset import LmdbDataset
 from lamm_ds.shards.format import DROPPED, DatasetWriter, GraphSettings
@@ -53,6 +54,7 @@ class IngestReport:
     seconds: float
     manifest: dict
     label_counts: dict[str, int] = field(default_factory=dict)  # energy / forces / stress / unlabelled
+    notes: list[str] = field(default_factory=list)  # labels a file seems to hold under keys not read
 
 
 def _pair_text(s: Structure, edge) -> str:
@@ -116,24 +118,52 @@ def _chunks(structures: Iterable[Structure], size: int) -> Iterator[list[Structu
         yield chunk
 
 
-def _all_structures(files: list[Path], opts: IngestOptions, counter: list[int]) -> Iterator[Structure]:
+def _all_structures(files: list[Path], opts: IngestOptions, counter: list[int],
+                    notes: list[str] | None = None) -> Iterator[Structure]:
     """Every input structure in order. A source file in which no structure has any label is an
     error (labels under keys we did not look for would otherwise ingest as 100% unlabelled),
-    unless --unlabelled or --allow-missing-labels says that is meant."""
+    unless --unlabelled or --allow-missing-labels says that is meant. A file with some labels but
+    none of one kind, while a key named like that kind exists, adds a note (an energy-only set is
+    legitimate; forces under a key we did not read are probably not)."""
     keys = opts.keys
     check = not (keys.unlabelled or keys.allow_missing)
+
+    def finish(source: str | None, kinds: set[str]) -> None:
+        if source is None:
+            return
+        if not kinds and check:
+            raise missing_labels_error(Path(source), keys, opts.trust_pickle)
+        if kinds and notes is not None and not keys.unlabelled:
+            notes.extend(unread_label_notes(Path(source), kinds, opts.trust_pickle))
+
     for f in files:
-        source, labelled = None, False  # one input can hold several files (a fairchem LMDB folder)
+        source, kinds = None, set()  # one input can hold several files (a fairchem LMDB folder)
         for s in iter_source(f, keys, opts.trust_pickle):
             if s.source != source:
-                if check and source is not None and not labelled:
-                    raise missing_labels_error(Path(source), keys, opts.trust_pickle)
-                source, labelled = s.source, False
-            labelled = labelled or s.energy is not None or s.forces is not None or s.stress is not None
+                finish(source, kinds)
+                source, kinds = s.source, set()
+            kinds.update(k for k, v in (("energy", s.energy), ("forces", s.forces), ("stress", s.stress))
+                         if v is not None)
             counter[0] += 1
             yield s
-        if check and source is not None and not labelled:
-            raise missing_labels_error(Path(source), keys, opts.trust_pickle)
+        finish(source, kinds)
+
+
+def unread_label_notes(path: Path, kinds: set[str], trust_pickle: bool) -> list[str]:
+    """'file: no structure has forces, but arrays 'REF_forces' looks like them (--forces-key REF_forces)'."""
+    missing = [k for k in ("energy", "forces") if k not in kinds]
+    if not missing:
+        return []
+    found = label_key_candidates(path, trust_pickle)
+    notes = []
+    for kind in missing:
+        word = "energ" if kind == "energy" else "force"
+        named = [(where, name) for (where, name), k in found.items() if k == kind and word in name.lower()]
+        if named:
+            where, name = named[0]
+            notes.append(f"{path}: no structure has {kind}, but {where} {name!r} looks like {kind} "
+                         f"(pass --{kind}-key {name} to read it)")
+    return notes
 
 
 def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> IngestReport:
@@ -159,7 +189,8 @@ def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> In
     dropped: list[dict] = []
     pool = None
     try:
-        chunks = _chunks(_all_structures(files, opts, read), _CHUNK)
+        notes: list[str] = []
+        chunks = _chunks(_all_structures(files, opts, read, notes), _CHUNK)
         args = (opts.max_atoms, opts.graph, opts.skip_invalid)
         if opts.workers > 1:
             pool = mp.get_context("spawn").Pool(opts.workers)
@@ -213,7 +244,7 @@ def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> In
             pool.terminate()
             pool.join()
     return IngestReport(str(out), read[0], writer.count, len(dropped), by_reason,
-                        time.perf_counter() - start, manifest, dict(manifest["label_counts"]))
+                        time.perf_counter() - start, manifest, dict(manifest["label_counts"]), notes)
 
 
 class _Worker:

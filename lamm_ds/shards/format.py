@@ -55,6 +55,9 @@ def is_dataset_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+MANIFEST_CHECKSUM = "manifest_checksum"
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     """Load and sanity-check ``DIR/manifest.json``; errors name the file."""
     file = Path(path) / MANIFEST
@@ -73,7 +76,17 @@ def read_manifest(path: str | os.PathLike) -> dict:
         value = manifest.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ValueError(f"{file}: corrupt manifest: {key!r} is missing or not a {kind.__name__}")
+    stored = manifest.get(MANIFEST_CHECKSUM)  # absent in datasets written before it existed
+    if stored is not None and stored != manifest_checksum(manifest):
+        raise ValueError(f"{file}: corrupt manifest: its fields changed since ingest (manifest checksum mismatch)")
     return manifest
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """SHA-256 of every manifest field but itself (canonical JSON): the dataset checksum covers the
+    records and index arrays, this one the descriptive fields (name, level of theory, counts, ...)."""
+    fields = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}
+    return "sha256:" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 # fields every reader relies on (all written by DatasetWriter.finalize and the ingest)
@@ -184,6 +197,7 @@ class DatasetWriter:
             "shards": self.shards,
             "checksum": "sha256:" + self._hash.hexdigest(),
         }
+        manifest[MANIFEST_CHECKSUM] = manifest_checksum(manifest)
         tmp = self.root / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, self.root / MANIFEST)

@@ -455,3 +455,13 @@ def test_finetuning_on_elements_the_model_never_saw_is_reported(done_run, demo_d
                        "finetune.forces=direct", f"data.datasets=[{{name: au, path: {tmp_path / 'au'}}}]"))
     assert "element(s) the pre-trained model never saw: Au (Z=79)" in proc.stderr
     assert "random initial values" in proc.stderr
+
+
+def test_an_eval_set_without_a_head_is_refused_before_training(demo_data, tmp_path):
+    path = demo_data["demo_metals_test"]
+    proc = _pretrain(tmp_path / "r", demo_data, "--max-steps", "2",
+                     f"eval_datasets=[{{name: metals_holdout, path: {path}}}]")
+    assert proc.returncode == 2
+    assert "eval_datasets: cannot tell which energy head to use for eval dataset 'metals_holdout'" in proc.stderr
+    assert "set head: in its eval_datasets entry" in proc.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists() and not (tmp_path / "r" / "model.safetensors").exists()

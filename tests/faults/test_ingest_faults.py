@@ -544,3 +544,54 @@ def test_wrong_size_stress_under_named_key(tmp_path, capsys):
     ase.io.write(f, [a], format="extxyz")
     _fails(capsys, tmp_path, f, "--energy-key", "energy_dft", "--stress-key", "s",
            match=f"{f}: structure 0: the stress has shape (4,), expected 6 (Voigt) or 9 (3x3) components")
+
+
+def test_info_refuses_a_damaged_index_array(tmp_path, capsys):
+    ds = _small_dataset(tmp_path)
+    natoms = ds / "index" / "natoms.npy"
+    data = bytearray(natoms.read_bytes())
+    data[-2] ^= 0x10  # one structure now claims thousands of atoms
+    natoms.write_bytes(bytes(data))
+    assert cli_main(["info", str(ds)]) == 2
+    captured = capsys.readouterr()
+    assert "the index arrays disagree with the manifest (num_atoms: index" in captured.err
+    assert "lamm-ds verify" in captured.err and "structures" not in captured.out
+
+
+@pytest.mark.parametrize("edit", [("\"level_of_theory\": \"unknown\"", "\"level_of_theory\": \"unknowm\""),
+                                  ("\"energy\": 20", "\"energy\": 21")], ids=["level_of_theory", "label_count"])
+def test_a_changed_manifest_field_is_caught(tmp_path, capsys, edit):
+    ds = _small_dataset(tmp_path)
+    manifest = ds / "manifest.json"
+    text = manifest.read_text()
+    assert edit[0] in text
+    manifest.write_text(text.replace(edit[0], edit[1], 1))  # still valid JSON
+    assert cli_main(["info", str(ds)]) == 2
+    assert f"{manifest}: corrupt manifest: its fields changed since ingest" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="manifest checksum mismatch"):
+        LmdbDataset(ds)
+
+
+def test_a_manifest_without_its_own_checksum_still_opens(tmp_path):
+    """Datasets written before the manifest checksum existed keep working."""
+    ds = _small_dataset(tmp_path)
+    manifest = ds / "manifest.json"
+    fields = json.loads(manifest.read_text())
+    del fields["manifest_checksum"]
+    manifest.write_text(json.dumps(fields))
+    assert len(LmdbDataset(ds)) == 20
+
+
+def test_forces_under_another_key_beside_standard_energies_get_a_note(tmp_path, capsys):
+    frames = []
+    for k in range(3):
+        atoms = Atoms("H2O", positions=[p for _, p in WATER])
+        atoms.info["energy"] = -10.0 - k
+        atoms.arrays["REF_forces"] = np.full((3, 3), 0.1)
+        frames.append(atoms)
+    ase.io.write(tmp_path / "mixed.extxyz", frames)
+    rc, out, err = _cli(capsys, tmp_path / "mixed.extxyz", "--out", tmp_path / "ds")
+    assert rc == 0, err
+    assert "(energy 3, forces 0, stress 0, unlabelled 0)" in out
+    assert "note:" in out and "no structure has forces, but arrays 'REF_forces' looks like forces" in out
+    assert "--forces-key REF_forces" in out
