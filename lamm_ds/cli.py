@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `lamm-ds info DIR | head`
         sys.stderr.close()
         return 0
-    except (ValueError, RuntimeError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, RuntimeError, FileNotFoundError, KeyError, FloatingPointError) as exc:
         print(f"lamm-ds {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -22,3 +23,12 @@ def demo_data(tmp_path_factory) -> dict:
 
     out = tmp_path_factory.mktemp("demo")
     return make_demo(out, DemoSizes(metals=60, metals_test=20, energy_only=30, molecules=60, downstream=40, downstream_test=20))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds spin-wait stalls when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -33,12 +33,7 @@ F64 = torch.float64
 ACAC = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "acac" / "train_300K.xyz"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(**kw) -> EquiformerV2Config:

@@ -24,6 +24,7 @@ from lamm_ds.engine.evaluate import evaluate_entries
 from lamm_ds.engine.export import export_model
 from lamm_ds.engine.guards import (check_datasets_contribute, check_eval_heads, merge_trained_elements,
                                   nonfinite_structures)
+from lamm_ds.engine.rundir import RunDirLock
 from lamm_ds.graphs import AtomsBatch, GraphDataset
 from lamm_ds.loss import per_dataset_metrics, summarize_per_dataset, universal_loss
 from lamm_ds.mixture import MixtureStream
@@ -112,10 +113,19 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, progress: bool = True, mod
           ) -> TrainResult:
     """Train for ``cfg.max_steps`` steps in this process; writes TensorBoard logs, metrics.jsonl,
     the resolved config and ``model.safetensors`` into ``run_dir``."""
-    from torch.utils.tensorboard import SummaryWriter
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunDirLock(run_dir)
+    lock.acquire()  # a DeepSpeed job or another `lamm-ds train` writing here is refused, naming it
+    try:
+        return _train(cfg, run_dir, progress, model)
+    finally:
+        lock.release()
+
+
+def _train(cfg: RunConfig, run_dir: Path, progress: bool, model: Potential | None) -> TrainResult:
+    from torch.utils.tensorboard import SummaryWriter
+
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     datasets = open_datasets(cfg.data.datasets, cfg.data.demo_dir)
     names = [d.name for d in datasets]

@@ -4,9 +4,7 @@ code, a message naming the file / key / rank / structure, and what is (not) left
 import hashlib
 import json
 import os
-import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,24 +12,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-TINY = ["model.hidden=16", "model.layers=2", "model.num_rbf=8", "model.cutoff=4.0", "model.max_neighbors=12",
-        "data.batch_size=6", "log_every=1", "optim.lr=2e-3", "optim.warmup_steps=2", "data.stats_samples=50",
-        "faults.collective_timeout_s=60"]
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    return env
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from run_helpers import BIN, REPO, TINY
+from run_helpers import child_env as _env
+from run_helpers import free_port as _port
 
 
 def _launch(script, run_dir, demo, *args, timeout=300):
@@ -181,6 +164,7 @@ def test_trust_pickle_is_what_lets_a_checkpoint_unpickle_objects(done_run, demo_
     assert proc.returncode != 0  # and the planted file is no DeepSpeed checkpoint
 
 
+@pytest.mark.slow
 def test_weights_only_loader_reads_every_zero_stage(demo_data, tmp_path):
     """Real DeepSpeed checkpoints (ZeRO 1-3, bf16 and fp32) resume under the weights-only unpickler."""
     for config in ("zero1_bf16", "zero2_fp32", "zero3_fp32"):
@@ -248,6 +232,7 @@ def _alive(pid):
         return False
 
 
+@pytest.mark.slow
 def test_ranks_stop_when_the_deepspeed_launcher_is_killed(demo_data, tmp_path):
     run_dir = tmp_path / "orphans"
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()), str(REPO / "launch" / "pretrain.py"),

@@ -3,7 +3,6 @@ message naming the file / structure / key, and leaves nothing half-written on di
 
 import gzip
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -502,6 +501,7 @@ def test_flipped_checksum_or_index_bytes_verify(tmp_path, capsys):
     assert f"{ds}: checksum mismatch" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_killed_ingest_leaves_no_output_and_rerun_cleans_up(tmp_path, capsys):
     big = tmp_path / "big.xyz"
     big.write_text(_frame(0) * 3000)

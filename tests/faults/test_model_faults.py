@@ -33,12 +33,7 @@ MAX_Z = 30
 TRAINED = {"cu": [29], "mol": [1, 6, 8]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(heads=("cu", "mol"), trained=TRAINED, seed=0) -> Potential:
