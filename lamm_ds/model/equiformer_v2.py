@@ -41,12 +41,11 @@ from torch import nn
 
 from lamm_ds.graphs.batch import AtomsBatch
 from lamm_ds.model.heads import DatasetStats, StatsBuffers
-from lamm_ds.model.painn import PreciseBuffers, geometry_dtype
+from lamm_ds.model.numerics import FORCE_MODES, PreciseBuffers, geometry_dtype
 from lamm_ds.model.potential import Potential
 from lamm_ds.model.so3 import EdgeRotation, S2Grid, SO3Layout, SO3Linear, edge_frames, grid_silu, make_norm
 
 MODEL_KIND = "equiformer_v2"
-FORCE_MODES = ("direct", "conservative")
 
 # Published sizes (fairchem configs/oc20/s2ef/{all,2M}/equiformer_v2/*.yml).
 PRESETS: dict[str, dict] = {

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lamm_ds.model.painn import PreciseBuffers
+from lamm_ds.model.numerics import PreciseBuffers
 
 _TINY = 1e-8
 

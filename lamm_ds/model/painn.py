@@ -1,9 +1,9 @@
 """PaiNN backbone (Schütt, Unke, Gastegger 2021, "Equivariant message passing for the prediction
 of tensorial properties and molecular spectra").
 
-Dtype policy: geometry (edge vectors, distances, radial basis, cutoff) is evaluated in at least
-fp32, whatever the parameter dtype; features are cast to the parameter dtype afterwards, so a
-module cast to bf16 (DeepSpeed ``bf16``) still sees accurate distances.
+Dtype policy (``lamm_ds.model.numerics``): geometry (edge vectors, distances, radial basis, cutoff)
+is evaluated in at least fp32, whatever the parameter dtype; features are cast to the parameter
+dtype afterwards, so a module cast to bf16 (DeepSpeed ``bf16``) still sees accurate distances.
 
 Speed/memory: the edge part of every message block (gather, filter, product, scatter) is one
 autograd Function that saves only node-sized tensors and the (E, num_rbf) basis, and recomputes the
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lamm_ds.graphs.batch import AtomsBatch
+from lamm_ds.model.numerics import FORCE_MODES, geometry_dtype
 
-FORCE_MODES = ("direct", "conservative")
 RBF_KINDS = ("gaussian", "sinc")
 
 
@@ -60,28 +60,6 @@ class PaiNNConfig:
         if unknown:
             raise ValueError(f"unknown PaiNNConfig keys: {sorted(unknown)}")
         return cls(**d)
-
-
-def geometry_dtype(dtype: torch.dtype) -> torch.dtype:
-    """At least fp32 (fp64 stays fp64) for positions, distances and energy sums."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-class PreciseBuffers(nn.Module):
-    """Module whose floating buffers never drop below their own precision on ``.to(bf16)``/``.half()``.
-
-    DeepSpeed's bf16 mode casts the whole module, buffers included; reference energies and scales
-    must not be rounded to 8 mantissa bits. Device moves and up-casts still apply.
-    """
-
-    def _apply(self, fn, recurse=True):
-        old = {k: b for k, b in self._buffers.items() if b is not None and b.is_floating_point()}
-        super()._apply(fn, recurse)
-        for k, before in old.items():
-            after = self._buffers[k]
-            if after is not None and after.is_floating_point() and after.element_size() < before.element_size():
-                self._buffers[k] = before.to(device=after.device)
-        return self
 
 
 class RadialBasis(nn.Module):

@@ -19,7 +19,8 @@ from torch import nn
 
 from lamm_ds.graphs.batch import AtomsBatch
 from lamm_ds.model.heads import DatasetStats, DirectForceHead, EnergyHead
-from lamm_ds.model.painn import PaiNN, PaiNNConfig, geometry_dtype
+from lamm_ds.model.numerics import geometry_dtype
+from lamm_ds.model.painn import PaiNN, PaiNNConfig
 
 _MIN_VOLUME = 1e-6  # Å^3; below this a "periodic" cell is degenerate and gets no stress
 

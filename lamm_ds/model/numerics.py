@@ -1,0 +1,31 @@
+"""Numerics shared by every backbone and head: force modes, the geometry dtype, buffers that keep
+their precision when a module is cast to bf16/fp16."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FORCE_MODES = ("direct", "conservative")
+
+
+def geometry_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least fp32 (fp64 stays fp64) for positions, distances and energy sums."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class PreciseBuffers(nn.Module):
+    """Module whose floating buffers never drop below their own precision on ``.to(bf16)``/``.half()``.
+
+    DeepSpeed's bf16 mode casts the whole module, buffers included; reference energies and scales
+    must not be rounded to 8 mantissa bits. Device moves and up-casts still apply.
+    """
+
+    def _apply(self, fn, recurse=True):
+        old = {k: b for k, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for k, before in old.items():
+            after = self._buffers[k]
+            if after is not None and after.is_floating_point() and after.element_size() < before.element_size():
+                self._buffers[k] = before.to(device=after.device)
+        return self
