@@ -95,25 +95,31 @@ def _cmd_make_demo(args) -> int:
     return 0
 
 
-def _run_training(config_files, overrides, run_dir, max_steps, quiet) -> int:
+def _run_training(config_files, overrides, run_dir, max_steps, quiet, resume=False, allow_config_change=False) -> int:
+    """The training engine (lamm_ds/engine/ds_engine.py) in this process: one rank, the same loop,
+    checkpoints and resume as under ``deepspeed``."""
+    from pathlib import Path
+
     from lamm_ds.engine.config import load_config
-    from lamm_ds.engine.trainer import train
+    from lamm_ds.engine.ds_engine import run
 
     if max_steps is not None:
         overrides = [*overrides, f"max_steps={max_steps}"]
     cfg = load_config(config_files, overrides)
-    result = train(cfg, run_dir, progress=not quiet)
-    first, last = result.history[0], result.history[-1]
-    print(f"trained {cfg.max_steps} steps: loss {first['loss']:.4f} -> {last['loss']:.4f}; "
-          f"model: {result.model_path}; TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}")
-    for name, metrics in result.evaluation.items():
+    summary = run(cfg, Path(run_dir), resume=resume, progress=not quiet, allow_config_change=allow_config_change)
+    history = summary["history"]
+    losses = f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; " if history else ""
+    print(f"trained {cfg.max_steps} steps: {losses}model: {summary['model_path']}; "
+          f"TensorBoard: tensorboard --logdir {Path(run_dir) / 'tb'}")
+    for name, metrics in summary["evaluation"].items():
         print(f"  {name}: energy MAE {metrics['energy_mae_per_atom'] * 1000:.1f} meV/atom, "
               f"force MAE {metrics['forces_mae'] * 1000:.1f} meV/Å")
     return 0
 
 
 def _cmd_train(args) -> int:
-    return _run_training(args.config, args.overrides, args.run_dir, args.max_steps, args.quiet)
+    return _run_training(args.config, args.overrides, args.run_dir, args.max_steps, args.quiet, args.resume,
+                         args.allow_config_change)
 
 
 def _cmd_demo(args) -> int:
@@ -286,10 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=_cmd_make_demo)
 
-    p = sub.add_parser("train", help="single-process training from a config (see launch/ for DeepSpeed)")
+    p = sub.add_parser("train", help="train from a config in this process (the engine of launch/pretrain.py, one rank)")
     p.add_argument("--config", action="append", default=[], help="YAML config (repeatable, merged in order)")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoints/latest")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept a changed config (logged in config_changes.jsonl)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden=128")
     p.set_defaults(func=_cmd_train)

@@ -1,15 +1,14 @@
-"""Evaluation during training (learning curves): prepared sets, eval_curve.jsonl, both engines."""
+"""Evaluation during training (learning curves): prepared sets, eval_curve.jsonl, one and two ranks."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from lamm_ds.engine.config import ConfigError, DatasetConfig, load_config
 from lamm_ds.engine.evaluate import evaluate, load_structures, prepare_eval_sets, read_curve
-from lamm_ds.engine.trainer import build_model, train
+from lamm_ds.engine.ds_engine import run
+from lamm_ds.engine.model_init import build_model
 from lamm_ds.engine.data import open_datasets
 
 TINY = ["model.hidden=16", "model.layers=2", "model.num_rbf=8", "model.cutoff=4.0", "model.max_neighbors=12",
@@ -50,11 +49,11 @@ def test_eval_every_needs_eval_sets_and_sane_values():
 
 def test_single_process_curve_ends_at_the_final_evaluation(demo_data, tmp_path):
     cfg = _cfg(demo_data, "max_steps=5", "eval_every=2")
-    res = train(cfg, tmp_path / "run", progress=False)
+    res = run(cfg, tmp_path / "run", progress=False)  # the engine in this process: one rank
     points = read_curve(tmp_path / "run" / "eval_curve.jsonl")
     assert [p["step"] for p in points] == [0, 2, 4, 5]
     last = points[-1]["demo_metals_test"]
-    final = res.evaluation["demo_metals_test"]
+    final = res["evaluation"]["demo_metals_test"]
     for k in ("energy_mae_per_atom", "forces_mae", "forces_rmse"):
         assert last[k] == pytest.approx(final[k], rel=1e-5), k
     # the model changes between points: the curve is not a constant

@@ -1,15 +1,16 @@
-"""From a DataConfig to datasets, fitted per-dataset statistics and deterministic step batches."""
+"""From a DataConfig to datasets, fitted per-dataset statistics, and each rank's deterministic step
+batches (the scheduler's split of the step's mixture draws)."""
 
 from __future__ import annotations
-
 
 import numpy as np
 import torch
 
 from lamm_ds.engine.config import DatasetConfig
-from lamm_ds.graphs import AtomsBatch, GraphDataset, collate
+from lamm_ds.graphs import GraphDataset, collate
 from lamm_ds.mixture import MixtureStream
 from lamm_ds.model.heads import DatasetStats, fit_dataset_stats
+from lamm_ds.scheduler import StepScheduler, rank_slice
 from lamm_ds.shards import LmdbDataset, is_dataset_dir
 
 
@@ -59,25 +60,38 @@ def plan_step(stream: MixtureStream, epoch_length: int, step: int, batch_size: i
     return int(epochs[0]), positions, ks, idx
 
 
-class StepBatches(torch.utils.data.Dataset):
-    """Item ``s`` is the collated batch of step ``s`` (built in DataLoader workers)."""
+class RankStepBatches(torch.utils.data.Dataset):
+    """Item ``s``: (epoch, this rank's batch of step ``s``, predicted seconds of every rank (world,)).
 
-    def __init__(self, graphs: GraphDataset, stream: MixtureStream, epoch_length: int, batch_size: int):
-        self.graphs, self.stream = graphs, stream
-        self.epoch_length, self.batch_size = epoch_length, batch_size
+    The split of a step's draws over ranks is the scheduler's plan (``schedule.strategy``; "fixed":
+    draw ``d`` goes to rank ``d % world``). With ``schedule.plan_ranks = P > world`` the plan is
+    made for P ranks and real rank r runs plan slots ``[r*P/world, (r+1)*P/world)`` concatenated."""
+
+    def __init__(self, graphs: GraphDataset, scheduler: StepScheduler, rank: int, world: int):
+        self.graphs, self.scheduler, self.rank, self.world = graphs, scheduler, rank, world
+        self.slots = rank_slice(scheduler.ranks, world, rank)
+        self.per = scheduler.ranks // world
 
     def __len__(self) -> int:
         return 2**62
 
-    def __getitem__(self, step: int) -> tuple[int, AtomsBatch]:
-        epoch, positions, ks, idx = plan_step(self.stream, self.epoch_length, step, self.batch_size)
-        samples = [self.graphs[(int(k), int(i), int(p))] for k, i, p in zip(ks, idx, positions)]
-        return epoch, collate(samples)
+    def __getitem__(self, step: int):
+        plan = self.scheduler.plan(step)
+        mine = (plan.rank >= self.slots.start) & (plan.rank < self.slots.stop)
+        samples = [self.graphs[(int(k), int(i), int(p))]
+                   for k, i, p in zip(plan.ks[mine], plan.idx[mine], plan.positions[mine])]
+        if self.per == 1:
+            predicted = plan.predicted
+        else:  # real rank = consecutive plan slots in one micro-batch
+            real = plan.rank // self.per
+            predicted = self.scheduler.cost_model.batch_cost(
+                np.bincount(real, plan.natoms, self.world), np.bincount(real, plan.nedges, self.world),
+                np.bincount(real, minlength=self.world))
+        return plan.epoch, collate(samples), torch.as_tensor(np.asarray(predicted, dtype=np.float64))
 
 
-def make_loader(graphs: GraphDataset, stream: MixtureStream, epoch_length: int, batch_size: int,
-                start_step: int, end_step: int, num_workers: int):
-    """Batches for steps ``start_step .. end_step-1`` in order (resume = start later)."""
-    steps = StepBatches(graphs, stream, epoch_length, batch_size)
-    return torch.utils.data.DataLoader(steps, batch_size=None, sampler=range(start_step, end_step),
-                                       num_workers=num_workers, persistent_workers=False)
+def step_loader(graphs: GraphDataset, scheduler: StepScheduler, rank: int, world: int, start_step: int,
+                end_step: int, num_workers: int):
+    """This rank's batches for steps ``start_step .. end_step-1`` in order (resume = start later)."""
+    return torch.utils.data.DataLoader(RankStepBatches(graphs, scheduler, rank, world), batch_size=None,
+                                       sampler=range(start_step, end_step), num_workers=num_workers)

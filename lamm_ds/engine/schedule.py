@@ -115,8 +115,8 @@ def calibrate(cfg: RunConfig, batches: int = 40, repeats: int = 3, max_graphs: i
     configured data, fit the coefficients against their *stored* atom/edge counts, return the
     model and a report (fit quality and every micro-batch's measured/predicted seconds)."""
     from lamm_ds.engine.data import open_datasets
-    from lamm_ds.engine.ds_engine import build_or_init_model
-    from lamm_ds.engine.trainer import prepare_batch
+    from lamm_ds.engine.model_init import build_or_init_model
+    from lamm_ds.engine.step import prepare_batch
     from lamm_ds.graphs import GraphDataset, collate
 
     if batches < 8:
