@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -41,17 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RESULTS = HERE / "results"
+from _common import REPO, RESULTS, child_env, machine, rotated, write_result
+
 STRATEGIES = ("fixed", "atoms", "balanced")
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    return env
 
 
 def run_once(strategy: str, batch_size: int, steps: int, run_dir: Path, demo_dir: Path, extra: list[str]) -> list[dict]:
@@ -60,7 +50,8 @@ def run_once(strategy: str, batch_size: int, steps: int, run_dir: Path, demo_dir
            "--config", str(REPO / "configs" / "demo.yaml"), f"data.demo_dir={demo_dir}",
            f"data.batch_size={batch_size}", "log_every=1", "checkpoint.every=0", "eval_datasets=[]",
            f"schedule.strategy={strategy}", *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(PYTHONUNBUFFERED="1"), capture_output=True, text=True,
+                          timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"{strategy} run failed:\n{proc.stderr[-3000:]}")
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -104,7 +95,7 @@ def main(argv=None) -> int:
         n = 0
         for rnd in range(args.rounds):
             for bs in args.batch_sizes:
-                order = STRATEGIES[rnd % len(STRATEGIES):] + STRATEGIES[:rnd % len(STRATEGIES)]
+                order = rotated(STRATEGIES, rnd)
                 for s in order:
                     n += 1
                     recs = run_once(s, bs, args.steps, Path(tmp) / f"run{n}", Path(args.demo_dir), args.overrides)
@@ -139,11 +130,9 @@ def main(argv=None) -> int:
     out = {"ratios": ratios, "wait_fractions": waits, "imbalance": imb, "samples_per_s_per_run": spread, "per_batch_size": per_bs,
            "setup": {"ranks": 2, "launcher": "torchrun", "config": "configs/demo.yaml", "steps": args.steps,
                      "warmup": args.warmup, "rounds": args.rounds, "overrides": args.overrides},
-           "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
+           "machine": machine(threads=1),  # one thread per rank
            "wall_s": round(time.perf_counter() - t_start, 1)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "balance_real.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out))
+    write_result(out, RESULTS / "balance_real.json")
     return 0
 
 

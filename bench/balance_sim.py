@@ -36,23 +36,19 @@ The last stdout line is one JSON object, ratios first, also written to bench/res
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+from _common import REPO, RESULTS, machine, rotated, write_result
+
 sys.path.insert(0, str(REPO))
 
 from lamm_ds.mixture import MixtureStream  # noqa: E402
 from lamm_ds.neighbors import radius_graph  # noqa: E402
 from lamm_ds.scheduler import StepScheduler, builtin_cost_model  # noqa: E402
 
-RESULTS = HERE / "results"
 CUTOFF, MAX_NEIGHBORS = 6.0, 50
 PROPORTIONS = {"catalyst": 0.35, "oxide": 0.15, "mof": 0.10, "small": 0.20, "drug": 0.20}
 POOL = 2000            # generated structures in all (split by the proportions)
@@ -274,7 +270,7 @@ def simulate(pools, cost_model, ranks_list, per_rank_list, window_steps, seed=0)
             acc = {s: {"time": 0.0, "perfect": 0.0, "samples": 0, "imb": [], "plan_s": 0.0, "total": [], "count": []}
                    for s in STRATEGIES}
             for w in range(windows):
-                order = STRATEGIES[w % len(STRATEGIES):] + STRATEGIES[:w % len(STRATEGIES)]  # alternate
+                order = rotated(STRATEGIES, w)  # alternate
                 for s in order:
                     t0 = time.perf_counter()
                     plans = [scheds[s].plan(st) for st in range(w * window_steps, (w + 1) * window_steps)]
@@ -358,13 +354,11 @@ def main(argv=None) -> int:
            "mixture": mixture, "window_steps": args.window_steps, "cutoff": CUTOFF, "max_neighbors": MAX_NEIGHBORS,
            "grid": {k: {s: {kk: (round(vv, 5) if isinstance(vv, float) else vv) for kk, vv in r.items()}
                         for s, r in v.items()} for k, v in grid.items()},
-           "machine": {"python": platform.python_version(), "platform": platform.platform()},
+           "machine": machine(),
            "wall_s": round(time.perf_counter() - t0, 1)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     name = (f"balance_sim_custom_w{args.window_steps}" if custom else "balance_sim_quick" if args.quick
             else "balance_sim") + ".json"
-    (RESULTS / name).write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out))
+    write_result(out, RESULTS / name)
     return 0
 
 

@@ -32,7 +32,6 @@ import argparse
 import cProfile
 import dataclasses
 import io
-import json
 import os
 import platform
 import pstats
@@ -46,21 +45,13 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-DATA = Path(os.environ.get("LAMM_DS_SHARED_DATA", REPO.parent / "shared" / "data"))
-RESULTS = HERE / "results"
+from _common import DATA, RESULTS, load_1min, machine, rotated, skip, timed, write_result
+
 CUTOFF = 6.0
 MAX_NEIGHBORS = 50
 BATCH_SIZE = 32
 LOADER_WORKERS = 2
 TARGET = 10.0
-
-
-def _skip(message: str) -> None:
-    print(f"SKIP: {message}", file=sys.stderr)
-    print(json.dumps({"skipped": True, "reason": message}))
-    sys.exit(0)
 
 
 # --------------------------------------------------------------------------------------- baseline
@@ -225,16 +216,16 @@ def bench_dataset(label: str, xyz: Path, ds_dir: Path, rounds: int, n_base: int,
 
     # seconds per structure, per round
     methods = {
-        "baseline": lambda: _timed(run_baseline) / len(subset),
+        "baseline": lambda: timed(run_baseline) / len(subset),
         "baseline_preloaded": lambda: preloaded_pass(xyz, subset, n),
         "baseline_tuned": lambda: preloaded_pass(xyz, subset, n, tuned=True),
-        "ours_single": lambda: _timed(run_single) / n,
-        "ours_loader": lambda: _timed(run_loader) / n,
+        "ours_single": lambda: timed(run_single) / n,
+        "ours_loader": lambda: timed(run_loader) / n,
     }
     names = list(methods)
     samples = {m: [] for m in names}
     for r in range(rounds):
-        for m in names[r % len(names):] + names[:r % len(names)]:
+        for m in rotated(names, r):
             samples[m].append(methods[m]())
     sec = {m: statistics.median(v) for m, v in samples.items()}
 
@@ -286,12 +277,6 @@ def bench_dataset(label: str, xyz: Path, ds_dir: Path, rounds: int, n_base: int,
     return out
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds (median taken)")
@@ -302,10 +287,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     bpa = DATA / "3bpa" / "train_300K.xyz"
     if not bpa.is_file():
-        _skip(f"{bpa} not found: this benchmark needs ../shared/data (the 3BPA DFT set)")
+        skip(f"{bpa} not found: this benchmark needs ../shared/data (the 3BPA DFT set)")
 
     start = time.perf_counter()
-    load_start = round(os.getloadavg()[0], 2)  # other processes on the machine skew the figures
+    load_start = load_1min()  # other processes on the machine skew the figures
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lamm-ds-throughput-"))
     try:
         t0 = time.perf_counter()
@@ -337,7 +322,7 @@ def main(argv=None) -> dict:
         "datasets": {name: r["dataset"] for name, r in results.items()},
         "checks": {name: r["checks"] for name, r in results.items()},
         "loader_startup_s": {name: r["loader_startup_s"] for name, r in results.items()},
-        "loadavg_1min": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
+        "loadavg_1min": {"start": load_start, "end": load_1min()},
         **({"profile_top_tottime": {name: r["profile_top_tottime"] for name, r in results.items()}}
            if args.profile else {}),
         "config": {"cutoff": CUTOFF, "max_neighbors": MAX_NEIGHBORS, "backend": "vesin",
@@ -348,10 +333,9 @@ def main(argv=None) -> dict:
                                 "python": platform.python_version()},
                    "cpus": os.cpu_count(), "setup_s": round(setup, 1),
                    "wall_s": round(time.perf_counter() - start, 1)},
+        "machine": machine(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "data_throughput.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    write_result(result, RESULTS / "data_throughput.json")
     return result
 
 

@@ -39,19 +39,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
-import platform
 import statistics
 import sys
-import time
 import types
-from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, RESULTS, machine, peak_bytes, rotated, skip, timed, write_result
+
 sys.path.insert(0, str(REPO))
 ACAC = REPO / ".." / "shared" / "data" / "acac" / "train_300K.xyz"
 
@@ -140,20 +137,6 @@ def train_step(model, b):
         p.grad = None
 
 
-def peak_memory(model, b) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(model, b)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="31M", choices=["31M", "83M", "153M"])
@@ -161,7 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--cells", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "eqv2_throughput.json"))
+    p.add_argument("--out", default=str(RESULTS / "eqv2_throughput.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -170,9 +153,7 @@ def main(argv=None) -> int:
 
     fc = import_fairchem()
     if fc is None:
-        result = {"skipped": True, "reason": "fairchem-core 1.x not installed (pip install 'fairchem-core<2' --no-deps)"}
-        print(json.dumps(result))
-        return 0
+        skip("fairchem-core 1.x not installed (pip install 'fairchem-core<2' --no-deps)")
     Backbone, ScalarHead, VectorHead, GraphData = fc
     cfg = EquiformerV2Config.preset(args.preset)
     kw = fairchem_kwargs(cfg)
@@ -193,12 +174,9 @@ def main(argv=None) -> int:
         train_step(m, b)
     times = {k: [] for k in models}
     for r in range(args.rounds):
-        order = list(models) if r % 2 == 0 else list(reversed(models))
-        for k in order:
-            t0 = time.perf_counter()
-            train_step(models[k], b)
-            times[k].append(time.perf_counter() - t0)
-    mem = {k: peak_memory(m, b) for k, m in models.items()}
+        for k in rotated(list(models), r):  # two models: alternately first
+            times[k].append(timed(train_step, models[k], b))
+    mem = {k: peak_bytes(train_step, m, b) for k, m in models.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "speedup": med["fairchem"] / med["ours"],
@@ -209,15 +187,12 @@ def main(argv=None) -> int:
         "ours_step_s": med["ours"], "fairchem_step_s": med["fairchem"],
         "ours_peak_mb": mem["ours"] / 2**20, "fairchem_peak_mb": mem["fairchem"] / 2**20,
         "params": count_parameters(ours), "threads": args.threads, "rounds": args.rounds,
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-        "device": "cpu",
+        "device": "cpu", "machine": machine(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.preset}: {b.num_atoms} atoms, {b.num_edges} edges; ours {result['ours_atoms_per_s']:.1f} atoms/s, "
           f"{result['ours_peak_mb']:.0f} MB; fairchem {result['fairchem_atoms_per_s']:.1f} atoms/s, "
           f"{result['fairchem_peak_mb']:.0f} MB")
-    print(json.dumps(result))
+    write_result(result, args.out, indent=2)
     return 0
 
 

@@ -52,30 +52,20 @@ memory ratio <= 1.0 in every case.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
 import statistics
 import sys
 import time
 import typing
-from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-DATA = Path(os.environ.get("LAMM_DS_SHARED_DATA", REPO.parent / "shared" / "data"))
-RESULTS = HERE / "results"
+from _common import (DATA, RESULTS, geomean, load_1min, machine, peak_bytes, repeats_for, rotated, skip, timed,
+                     write_result)
+
 TARGET_SPEEDUP = 1.2
 TARGET_MEMORY = 1.0
-
-
-def _skip(message: str) -> None:
-    print(f"SKIP: {message}", file=sys.stderr)
-    print(json.dumps({"skipped": True, "reason": message}))
-    sys.exit(0)
 
 
 def _import_schnetpack():
@@ -196,17 +186,7 @@ def train_step(model, batch) -> float:
 
 def peak_step_bytes(model, batch) -> int:
     """Highest net bytes allocated during one ``train_step`` (allocation events of the profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(model, batch)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
+    return peak_bytes(train_step, model, batch)
 
 
 def n_params(model) -> int:
@@ -221,20 +201,18 @@ def run_case(models: dict, batch, rounds: int, pass_seconds: float, mem_rounds: 
         train_step(models[name], batch)
     reps = {}
     for name in names:
-        t0 = time.perf_counter()
-        train_step(models[name], batch)
-        reps[name] = max(1, math.ceil(pass_seconds / max(time.perf_counter() - t0, 1e-9)))
+        reps[name] = repeats_for(timed(train_step, models[name], batch), pass_seconds)
     samples = {n: [] for n in names}
     losses = {}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in rotated(names, r):
             t0 = time.perf_counter()
             for _ in range(reps[name]):
                 losses[name] = train_step(models[name], batch)
             samples[name].append((time.perf_counter() - t0) / reps[name])
     mem = {n: [] for n in names}
     for r in range(mem_rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in rotated(names, r):
             mem[name].append(peak_step_bytes(models[name], batch))
     return {n: {"s_per_step": statistics.median(samples[n]), "atoms_per_s": batch.num_atoms / statistics.median(samples[n]),
                 "peak_mem_mb": statistics.median(mem[n]) / 2**20, "loss": losses[n],
@@ -264,13 +242,13 @@ def main(argv=None) -> dict:
     try:
         spk = _import_schnetpack()
     except Exception as exc:  # ImportError, or a version mismatch surfacing at import time
-        _skip(f"reference PaiNN (schnetpack) not importable: {type(exc).__name__}: {exc}. Install it with: .venv/bin/pip install "
-              "h5py pytorch-lightning torchmetrics torch-ema fasteners dirsync tensorboardX rich && "
-              ".venv/bin/pip install --no-deps 'schnetpack==2.1.1'")
+        skip(f"reference PaiNN (schnetpack) not importable: {type(exc).__name__}: {exc}. Install it with: .venv/bin/pip install "
+             "h5py pytorch-lightning torchmetrics torch-ema fasteners dirsync tensorboardX rich && "
+             ".venv/bin/pip install --no-deps 'schnetpack==2.1.1'")
     from lamm_ds.model.heads import fit_dataset_stats
 
     start = time.perf_counter()
-    load_start = round(os.getloadavg()[0], 2)
+    load_start = load_1min()
     systems = {}
     if (DATA / "acac" / "train_300K.xyz").is_file():
         systems["acac_molecules"] = acac_structures(args.molecules)
@@ -307,13 +285,10 @@ def main(argv=None) -> dict:
                   + (f" | ours_unfused {res['ours_unfused']['atoms_per_s']:8.0f} atoms/s "
                      f"{res['ours_unfused']['peak_mem_mb']:7.1f} MiB" if "ours_unfused" in res else ""), file=sys.stderr)
 
-    def geomean(v):
-        return round(float(np.exp(np.mean(np.log(list(v))))), 3)
-
     result = {
         "ratios": {"ours_atoms_per_s/ref": ratios_speed, "ours_peak_mem/ref": ratios_mem,
-                   "geomean": {"ours_atoms_per_s/ref": geomean(ratios_speed.values()),
-                               "ours_peak_mem/ref": geomean(ratios_mem.values())}},
+                   "geomean": {"ours_atoms_per_s/ref": round(geomean(ratios_speed.values()), 3),
+                               "ours_peak_mem/ref": round(geomean(ratios_mem.values()), 3)}},
         "target": {"min_speedup": TARGET_SPEEDUP, "max_mem_ratio": TARGET_MEMORY,
                    "met": {k: bool(ratios_speed[k] >= TARGET_SPEEDUP and ratios_mem[k] <= TARGET_MEMORY)
                            for k in ratios_speed}},
@@ -324,12 +299,11 @@ def main(argv=None) -> dict:
                    "parameters": params, "rounds": args.rounds, "mem_rounds": args.mem_rounds,
                    "pass_seconds": args.pass_seconds, "threads": args.threads},
         "env": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-                "cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": round(os.getloadavg()[0], 2),
+                "cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": load_1min(),
                 "seconds": round(time.perf_counter() - start, 1)},
+        "machine": machine(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "model_throughput.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    write_result(result, RESULTS / "model_throughput.json")
     return result
 
 

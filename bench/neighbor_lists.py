@@ -24,29 +24,18 @@ the benchmark exits cleanly with a message.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-DATA = Path(os.environ.get("LAMM_DS_SHARED_DATA", REPO.parent / "shared" / "data"))
-RESULTS = HERE / "results"
+from _common import DATA, RESULTS, geomean, load_1min, machine, repeats_for, rotated, skip, write_result
+
 CUTOFFS = (5.0, 6.0, 12.0)
 MAX_NEIGHBORS = 50
-
-
-def _skip(message: str) -> None:
-    out = {"skipped": True, "reason": message}
-    print(f"SKIP: {message}", file=sys.stderr)
-    print(json.dumps(out))
-    sys.exit(0)
 
 
 def demo_like_cells(seed: int = 0) -> dict[str, list]:
@@ -141,7 +130,7 @@ def time_case(structures, cutoff: float, rounds: int, ase_rounds: int, ase_struc
         t0 = time.perf_counter()
         outputs[name] = [fn(a, arr) for a, arr in subsets[name]]
         per_pass = time.perf_counter() - t0
-        reps[name] = max(1, int(np.ceil(target_s / max(per_pass, 1e-9))))
+        reps[name] = repeats_for(per_pass, target_s)
     identical = all(np.array_equal(gv.i, gm.i) and np.array_equal(gv.j, gm.j)
                     and np.array_equal(gv.shifts, gm.shifts)
                     for gv, gm in zip(outputs["vesin"], outputs["matscipy"]))
@@ -154,7 +143,7 @@ def time_case(structures, cutoff: float, rounds: int, ase_rounds: int, ase_struc
     names = list(methods)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]  # rotate so no method always goes first
+        order = rotated(names, r)  # rotate so no method always goes first
         for name in order:
             if name == "ase" and r >= ase_rounds:
                 continue
@@ -179,15 +168,15 @@ def main(argv=None) -> dict:
                         help="minimum duration of one timed pass (structures are repeated to reach it)")
     args = parser.parse_args(argv)
     if not DATA.is_dir():
-        _skip(f"{DATA} not found: the real-data cases (mlearn, 3bpa) need ../shared/data")
+        skip(f"{DATA} not found: the real-data cases (mlearn, 3bpa) need ../shared/data")
     try:
         import matscipy  # noqa: F401
         import vesin  # noqa: F401
     except ImportError as exc:
-        _skip(f"backend not installed: {exc}")
+        skip(f"backend not installed: {exc}")
 
     start = time.perf_counter()
-    load_start = round(os.getloadavg()[0], 2)  # other processes on the machine skew the figures
+    load_start = load_1min()  # other processes on the machine skew the figures
     cases = {**demo_like_cells(), **real_cells(args.real_structures)}
     ratios, times, checks = {}, {}, {}
     for case, structures in cases.items():
@@ -212,11 +201,11 @@ def main(argv=None) -> dict:
     raw_ratio = [r["matscipy_raw/vesin_raw"] for r in ratios.values()]
     matscipy_wins = sorted(k for k, r in ratios.items() if r["matscipy/vesin"] < 0.95)
     ties = sorted(k for k, r in ratios.items() if 0.95 <= r["matscipy/vesin"] <= 1.05)
-    geo = float(np.exp(np.mean(np.log(full_ratio))))
+    geo = geomean(full_ratio)
     summary = {
         "geomean_matscipy/vesin": round(geo, 3),
-        "geomean_matscipy_raw/vesin_raw": round(float(np.exp(np.mean(np.log(raw_ratio)))), 3),
-        "geomean_ase/vesin": round(float(np.exp(np.mean(np.log([r["ase/vesin"] for r in ratios.values()])))), 2),
+        "geomean_matscipy_raw/vesin_raw": round(geomean(raw_ratio), 3),
+        "geomean_ase/vesin": round(geomean(r["ase/vesin"] for r in ratios.values()), 2),
         "cases": len(ratios),
         "vesin_faster_by_5pct": len(ratios) - len(matscipy_wins) - len(ties),
         "within_5pct": ties,
@@ -241,12 +230,11 @@ def main(argv=None) -> dict:
                                 "matscipy": getattr(matscipy, "__version__", "?"), "ase": ase.__version__,
                                 "numpy": np.__version__, "python": platform.python_version()},
                    "cpus": os.cpu_count(), "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
-                   "loadavg_1min": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
+                   "loadavg_1min": {"start": load_start, "end": load_1min()},
                    "wall_s": round(time.perf_counter() - start, 1)},
+        "machine": machine(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "neighbor_lists.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    write_result(result, RESULTS / "neighbor_lists.json")
     return result
 
 

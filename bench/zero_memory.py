@@ -32,7 +32,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, RESULTS, child_env, machine, write_result
+
 sys.path.insert(0, str(REPO))
 
 
@@ -131,9 +132,7 @@ def worker(stage: int, out: str, preset: str, precision: str) -> None:
 
 
 def run_stage(stage: int, preset: str, precision: str, tmp: Path) -> list[dict]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore::FutureWarning")
+    env = child_env(PYTHONWARNINGS="ignore::FutureWarning")
     out = tmp / f"stage{stage}_{precision}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
            "--worker", "--stage", str(stage), "--preset", preset, "--precision", precision, "--out", str(out)]
@@ -151,7 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--preset", default="153M", choices=["31M", "83M", "153M"])
     p.add_argument("--precision", default="both", choices=["fp32", "bf16", "both"])
-    p.add_argument("--result", default=str(REPO / "bench" / "results" / "zero_memory.json"))
+    p.add_argument("--result", default=str(RESULTS / "zero_memory.json"))
     args = p.parse_args(argv)
     if args.worker:
         worker(args.stage, args.out, args.preset, args.precision)
@@ -181,9 +180,8 @@ def main(argv=None) -> int:
                   f"(all live tensors {r['ratio_all_live_tensors']:.3f})")
     for prec in precisions:   # headline figures, one per precision (no single "best of" number)
         result[f"ratio_{prec}"] = result[prec]["ratio"]
-    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.result).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    result["machine"] = machine(threads=1)  # one thread per rank
+    write_result(result, args.result, indent=2)
     return 0
 
 
