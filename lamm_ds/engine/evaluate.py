@@ -27,10 +27,18 @@ def load_structures(source: str | Path) -> tuple[str, Sequence[Structure]]:
 
     if is_dataset_dir(source):
         ds = LmdbDataset(source)
+        lc = ds.manifest["label_counts"]
+        if not (lc.get("energy") or lc.get("forces")):
+            raise ValueError(f"{source}: the dataset has no energy or force labels: nothing to score")
         return ds.name, ds
-    from lamm_ds.ingest.readers import LabelKeys, iter_source
+    from lamm_ds.ingest.readers import LabelKeys, iter_source, missing_labels_error
 
-    return Path(source).stem, list(iter_source(Path(source), LabelKeys()))
+    structures = list(iter_source(Path(source), LabelKeys()))
+    if not any(s.energy is not None or s.forces is not None for s in structures):
+        # labels under other keys would otherwise give NaN errors with exit code 0
+        raise ValueError(f"{missing_labels_error(Path(source), LabelKeys())} (evaluate reads the standard keys: "
+                         "ingest the file with those flags and evaluate the dataset directory)")
+    return Path(source).stem, structures
 
 
 def choose_head(model: Potential, name: str | None, explicit: str | None = None, *, what: str | None = None,

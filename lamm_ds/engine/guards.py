@@ -100,13 +100,14 @@ def nonfinite_structures(out: dict, batch, head_names: list[str], datasets, limi
 
 
 def check_eval_heads(model, entries) -> None:
-    """Every configured evaluation set must name its head unambiguously, checked before training
-    (not at the final evaluation, after hours of compute)."""
+    """Every configured evaluation set must name its head unambiguously and hold labels to score,
+    checked before training (not at the final evaluation, after hours of compute)."""
     from lamm_ds.engine.config import ConfigError
-    from lamm_ds.engine.evaluate import choose_head
+    from lamm_ds.engine.evaluate import choose_head, load_structures
 
     for entry in entries:
         try:
             choose_head(model, entry.name, entry.head, what=f"eval dataset {entry.name!r} ({entry.path})")
-        except ValueError as exc:
+            load_structures(entry.path)  # reads the file once more at the end: evaluation sets are small
+        except (ValueError, FileNotFoundError) as exc:
             raise ConfigError(f"eval_datasets: {exc}") from None

@@ -450,3 +450,12 @@ def test_an_eval_set_without_a_head_is_refused_before_training(demo_data, tmp_pa
     assert "eval_datasets: cannot tell which energy head to use for eval dataset 'metals_holdout'" in proc.stderr
     assert "set head: in its eval_datasets entry" in proc.stderr
     assert not (tmp_path / "r" / "checkpoints").exists() and not (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_an_eval_set_without_labels_is_refused_before_training(demo_data, tmp_path):
+    path = demo_data["demo_molecules"]  # unlabelled
+    proc = _pretrain(tmp_path / "r", demo_data, "--max-steps", "2",
+                     f"eval_datasets=[{{name: mols, path: {path}, head: demo_molecules}}]")
+    assert proc.returncode == 2
+    assert "eval_datasets:" in proc.stderr and "has no energy or force labels: nothing to score" in proc.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()

@@ -474,3 +474,20 @@ def test_calculator_needs_a_head_on_a_multi_head_model():
 
     with pytest.raises(ValueError, match=r"2 energy heads \(cu, mol\); choose one with head="):
         LammCalculator(tiny_model(trained=None), device="cpu")
+
+
+def test_evaluate_refuses_a_file_whose_labels_it_cannot_see(model_file, tmp_path, capsys):
+    """Labels under other keys (MACE-style REF_*) would score as NaN with exit 0."""
+    images = []
+    for k in range(2):
+        a = labelled(cu_atoms(k))
+        a.info["REF_energy"] = a.get_potential_energy()
+        a.arrays["REF_forces"] = a.get_forces()
+        a.calc = None
+        images.append(a)
+    path = tmp_path / "ref.xyz"
+    write(str(path), images, format="extxyz")
+    rc, out, err = run_cli(["evaluate", model_file, path, "--head", "cu"], capsys)
+    assert rc == 2 and not out
+    assert f"{path}: no structure has an energy, forces or stress label" in err
+    assert "--energy-key REF_energy --forces-key REF_forces" in err and "evaluate the dataset directory" in err
