@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lamm-ds-installed
 
-.PHONY: setup demo test experiment clean-demo
+.PHONY: setup demo test experiment clean-demo ssh-test-tools
 
 setup: $(STAMP)
 
@@ -30,7 +30,18 @@ demo: $(STAMP)
 experiment: $(STAMP)
 	$(BIN)/python bench/pretrain_finetune.py
 
-test: $(STAMP)
+# The multi-node tests start sshd "hosts" on loopback addresses and launch over pdsh (Debian's
+# openssh-server, pdsh). Installed when possible (root with apt-get); otherwise they skip, saying why.
+SSH_TEST_TOOLS := /usr/sbin/sshd /usr/bin/pdsh
+ssh-test-tools:
+	@for t in $(SSH_TEST_TOOLS); do test -x $$t || missing=1; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server pdsh >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server pdsh >/dev/null 2>&1; } || \
+	  echo "ssh-test-tools: could not install openssh-server/pdsh; the multi-node ssh tests will skip"; \
+	fi
+
+test: $(STAMP) ssh-test-tools
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
 
 clean-demo:

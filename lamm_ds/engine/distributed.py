@@ -14,6 +14,10 @@ import torch.distributed as dist
 _RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+class RendezvousError(RuntimeError):
+    """The ranks never formed a process group; the message says where they were to meet."""
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous address)."""
     with socket.socket() as s:
@@ -35,7 +39,16 @@ def setup_distributed(timeout_s: int) -> tuple[int, int, torch.device]:
         # The CPU backend JIT-compiles a shared-memory op (~30 s) used only for inference all-reduce.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    try:
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    except dist.DistError as exc:  # a rank that never arrives: an unreachable host, a failed launcher
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RendezvousError(
+            f"the {os.environ.get('WORLD_SIZE')} ranks did not all reach the "
+            f"rendezvous at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+            f"{timeout_s} s ({first}). A host in the hostfile may be unreachable over ssh or its launcher "
+            "failed (the launcher's pdsh/ssh lines name it); no training step was run "
+            "(faults.collective_timeout_s sets this wait)") from None
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         local = int(os.environ["LOCAL_RANK"])

@@ -32,7 +32,8 @@ from lamm_ds.engine.checkpoint import (LATEST, CheckpointError, latest_tag, load
 from lamm_ds.engine.config import ConfigError, RunConfig, load_config, to_yaml
 from lamm_ds.engine.curve import EvalCurve
 from lamm_ds.engine.data import open_datasets, step_loader
-from lamm_ds.engine.distributed import agree, leave_process_group, rendezvous_env, setup_distributed
+from lamm_ds.engine.distributed import (RendezvousError, agree, leave_process_group, rendezvous_env,
+                                         setup_distributed)
 from lamm_ds.engine.ds_config import check_zero_stage, deepspeed_config, resolve_path
 from lamm_ds.engine.finish import finish_run
 from lamm_ds.engine.guards import UselessDatasetError, check_datasets_contribute, check_eval_heads
@@ -43,7 +44,7 @@ from lamm_ds.engine.rundir import (CONFIG_FILE, DS_CONFIG_FILE, ConfigChangedErr
                                    check_resume_config)
 from lamm_ds.engine.schedule import build_scheduler, check_edge_basis, resolve_cost_model, save_run_cost_model
 from lamm_ds.engine.step import AllReduceTimer, NonFiniteGuard, train_step
-from lamm_ds.engine.telemetry import Telemetry, environment
+from lamm_ds.engine.telemetry import Telemetry, environment, rank_environment
 from lamm_ds.graphs import GraphDataset
 from lamm_ds.mixture import MixtureStream
 from lamm_ds.shards.dataset import DatasetError
@@ -188,6 +189,9 @@ def record_run_start(run_dir: Path, rank: int, world: int, cfg: RunConfig, ds_co
     pid_dir = run_dir / "pids"
     pid_dir.mkdir(parents=True, exist_ok=True)
     (pid_dir / f"rank{rank:05d}.pid").write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    rank_dir = run_dir / "ranks"  # what reached each rank (multi-node: the remote environment)
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    (rank_dir / f"rank{rank:05d}.json").write_text(json.dumps(rank_environment(rank), indent=2))
     if rank != 0:
         return
     if not resume or not (run_dir / CONFIG_FILE).is_file():
@@ -238,7 +242,7 @@ def parse_args(argv: list[str], finetune: bool = False) -> argparse.Namespace:
 # Errors that mean bad input, a refused start or a diverged run (each names its file, key or
 # rank): reported as one line and exit code 2; anything else keeps its traceback.
 EXPECTED_ERRORS = (ConfigError, CheckpointError, ConfigChangedError, RunDirBusyError, UselessDatasetError,
-                   DatasetError, FloatingPointError, FileNotFoundError)
+                   DatasetError, RendezvousError, FloatingPointError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None, default_config: str = "configs/demo.yaml",

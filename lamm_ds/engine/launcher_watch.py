@@ -6,6 +6,9 @@ told: without this watch they train on to the end as orphans and keep writing in
 directory. Each rank remembers the chain of launcher processes above it at start-up and, from a
 daemon thread, checks them once a second; when one is gone the rank terminates itself.
 
+Over ssh (``deepspeed --hostfile`` through pdsh) the rank also watches its ssh session, so killing
+the launching side, or losing the connection, stops the remote ranks too.
+
 Set ``LAMM_DS_WATCH_LAUNCHER=0`` to turn the watch off.
 """
 
@@ -37,11 +40,24 @@ def is_launcher(cmdline: list[str]) -> bool:
     return False
 
 
+_SHELLS = ("sh", "bash", "dash", "zsh", "ksh")
+
+
+def _is_sshd(p: psutil.Process | None) -> bool:
+    try:
+        return p is not None and (p.name() == "sshd" or " ".join(p.cmdline()[:1]).startswith("sshd"))
+    except psutil.Error:
+        return False
+
+
 def launcher_chain(process: psutil.Process | None = None) -> list[psutil.Process]:
     """The launcher processes directly above ``process`` (default: this one), nearest first.
 
     Climbing stops at the first ancestor that is not a launcher (the user's shell, a job script),
-    so only the launcher's own lifetime is watched."""
+    so only the launcher's own lifetime is watched. One exception: a launcher started over ssh
+    (``deepspeed --hostfile`` runs ``deepspeed.launcher.launch`` on each node through pdsh) also
+    depends on its ssh session, whose sshd process ends when the launching side dies or the
+    connection drops; that process (above the session's shell, if any) is watched too."""
     chain = []
     parent = (process or psutil.Process()).parent()
     while parent is not None and parent.pid > 1:
@@ -53,6 +69,17 @@ def launcher_chain(process: psutil.Process | None = None) -> list[psutil.Process
             break
         chain.append(parent)
         parent = parent.parent()
+    if chain and parent is not None:
+        try:
+            # only a shell ssh started to run the launcher (`bash -c "... deepspeed.launcher.launch
+            # ..."`, as pdsh does): a user's login shell over ssh must not tie a nohup'd job to it
+            args = parent.cmdline()
+            ran_launcher = parent.name() in _SHELLS and "-c" in args and "deepspeed.launcher.launch" in " ".join(args)
+            session = parent.parent() if ran_launcher else parent
+        except psutil.Error:
+            session = None
+        if _is_sshd(session):
+            chain.append(session)
     return chain
 
 

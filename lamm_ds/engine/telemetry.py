@@ -39,6 +39,18 @@ def environment(world: int) -> dict:
                                                         "MASTER_PORT") if k in os.environ}}
 
 
+# Variables that decide how a rank computes: recorded per rank, since on other nodes they come from
+# the remote shell plus what the launcher exports (`.deepspeed_env`), not from the launching shell.
+_RANK_ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "PYTHON", "DS_", "CUDA_", "NCCL_", "LAMM_DS_", "SSH_CONNECTION")
+
+
+def rank_environment(rank: int) -> dict:
+    """This rank's pid, host, thread count and computing-relevant environment variables."""
+    return {"rank": rank, "pid": os.getpid(), "hostname": socket.gethostname(),
+            "torch_threads": torch.get_num_threads(),
+            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_RANK_ENV_PREFIXES)}}
+
+
 def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
