@@ -112,6 +112,7 @@ def test_deepspeed_env_reaches_the_remote_rank(ssh_run):
     remote = json.loads((run_dir / "ranks" / "rank00001.json").read_text())
     assert remote["env"]["LAMM_DS_PROBE"] == "travelled-over-ssh"
     assert remote["env"]["OMP_NUM_THREADS"] == "1" and remote["torch_threads"] == 1
+    assert remote["env"]["PYTHONPATH"].split(":")[0] == str(REPO)  # the launcher exports PYTHON* with cwd first
     assert HOSTS[1] in remote["env"]["SSH_CONNECTION"]  # rank 1 really ran in an ssh session to 127.0.0.3
     assert HOSTS[0] in json.loads((run_dir / "ranks" / "rank00000.json").read_text())["env"]["SSH_CONNECTION"]
 
