@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 import ssh_hosts
 from run_helpers import BIN, REPO, TINY, child_env, free_port
+from run_helpers import alive as _alive
+from run_helpers import wait_for as _wait_for
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(ssh_hosts.missing() is not None,
@@ -65,26 +67,6 @@ def _ok(proc):
 
 def _losses(run_dir):
     return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def _wait_for(predicate, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from run_helpers import BIN, REPO, TINY
 from run_helpers import child_env as _env
+from run_helpers import alive as _alive
 from run_helpers import free_port as _port
+from run_helpers import wait_for as _wait_for
 
 
 def _launch(script, run_dir, demo, *args, timeout=300):
@@ -210,26 +211,6 @@ def test_launcher_watch_recognises_launchers():
     assert not is_launcher(["/bin/bash"])
     assert not is_launcher(["/venv/bin/python", "-m", "pytest", "tests/test_deepspeed.py"])
     assert not is_launcher(["/venv/bin/python", "launch/pretrain.py", "--run-dir", "runs/deepspeed"])
-
-
-def _wait_for(predicate, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (exited, not yet reaped by its parent) is not running
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 @pytest.mark.slow
