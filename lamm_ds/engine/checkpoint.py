@@ -8,7 +8,6 @@ import base64
 import hashlib
 import json
 import os
-import pickle
 import random
 import shutil
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from lamm_ds.safe_load import RefusedPickleError, load_weights_only
 
 COMPLETE = "lamm_complete.json"
 LATEST = "latest"
@@ -134,13 +135,12 @@ def weights_only_loader(trust_pickle: bool = False):
         if trust_pickle:
             return torch.load(path, map_location=map_location, weights_only=False)
         try:
-            with torch.serialization.safe_globals(safe):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return load_weights_only(path, safe, map_location=map_location)
+        except RefusedPickleError as exc:
+            wanted = f"it needs {', '.join(exc.globals)}" if exc.globals else exc.detail
             raise CheckpointError(
                 f"{path}: holds Python objects outside the safe list, and loading it could run code from the "
-                f"file ({first}). Resume with --trust-pickle only if you trust this checkpoint") from None
+                f"file ({wanted}). Resume with --trust-pickle only if you trust this checkpoint") from None
 
     return load
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch
 
 from lamm_ds.model.equiformer_v2 import EquiformerV2Config, EquiformerV2Potential
 from lamm_ds.model.heads import DatasetStats
+from lamm_ds.safe_load import RefusedPickleError, load_weights_only
 
 log = logging.getLogger("lamm_ds")
 
@@ -96,11 +96,6 @@ def _numpy_safe_globals() -> list:
 SAFE_GLOBALS = _numpy_safe_globals()
 
 
-def _unsafe_global(message: str) -> str | None:
-    m = re.search(r"GLOBAL ([\w.]+)", message)
-    return m.group(1) if m else None
-
-
 def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
     """A fairchem checkpoint file as a dict; weights-only unless ``trust_pickle``. Errors name the file."""
     path = Path(path)
@@ -117,58 +112,23 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict
         if trust_pickle:
             ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
         else:
-            with torch.serialization.safe_globals(SAFE_GLOBALS):
-                ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        text = str(exc)
-        if not trust_pickle and isinstance(exc, pickle.UnpicklingError) and "eights only" in text:
-            names = _unsafe_globals(path, head == b"PK") or [n for n in [_unsafe_global(text)] if n]
-            if names:
-                raise UnsafeCheckpointError(
-                    f"{path}: refusing to load: the checkpoint needs the Python global(s) {', '.join(names)}, "
-                    f"which weights-only loading does not allow (unpickling them could run code from the file); "
-                    f"pass --trust-pickle (trust_pickle=True) to load it anyway, only for files you trust") from None
+            ckpt = load_weights_only(path, SAFE_GLOBALS, map_location="cpu")
+    except RefusedPickleError as exc:
+        if exc.globals:
             raise UnsafeCheckpointError(
-                f"{path}: refusing to load: weights-only unpickling failed ({_weights_only_detail(text)}): a "
-                f"corrupt file, or a pickle that is not a plain checkpoint; pass --trust-pickle "
-                f"(trust_pickle=True) to unpickle it fully, only for files you trust") from None
+                f"{path}: refusing to load: the checkpoint needs the Python global(s) {', '.join(exc.globals)}, "
+                f"which weights-only loading does not allow (unpickling them could run code from the file); "
+                f"pass --trust-pickle (trust_pickle=True) to load it anyway, only for files you trust") from None
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to load: weights-only unpickling failed ({exc.detail}): a "
+            f"corrupt file, or a pickle that is not a plain checkpoint; pass --trust-pickle "
+            f"(trust_pickle=True) to unpickle it fully, only for files you trust") from None
+    except Exception as exc:
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint "
-                              f"({type(exc).__name__}: {text[:200]})") from None
+                              f"({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(ckpt, dict):
         raise ConversionError(f"{path}: not a fairchem checkpoint (a {type(ckpt).__name__}, not a dict)")
     return ckpt
-
-
-def _allowed_names() -> set[str]:
-    out = set()
-    for g in SAFE_GLOBALS:
-        out.add(g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}")
-    return out
-
-
-def _unsafe_globals(path: Path, is_zip: bool) -> list[str]:
-    """Every global a torch.save zip checkpoint needs beyond the allow-list (read without unpickling)."""
-    if not is_zip:
-        return []
-    try:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:
-        return []
-    allowed = _allowed_names()
-    return sorted(g for g in found if g not in allowed)
-
-
-def _weights_only_detail(text: str) -> str:
-    """The unpickler's own reason, from torch's long weights-only error message."""
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        for line in text.split(marker, 1)[1].splitlines():
-            if line.strip():
-                return line.strip()
-    for line in text.splitlines():
-        if line.strip().startswith(("Trying to load", "Unsupported", "Can only build")):
-            return line.strip()
-    return "see torch.load(weights_only=True)"
 
 
 def model_section(config: dict) -> tuple[dict, dict, bool]:
@@ -366,5 +326,4 @@ def convert_fairchem(checkpoint: str | os.PathLike, out: str | os.PathLike, data
         model = convert_checkpoint(ckpt, dataset)
     except ConversionError as exc:
         raise ConversionError(f"{checkpoint}: {exc}") from None
-    model.trained_elements = None  # unknown for a converted checkpoint
     return export_model(model, out, {"converted_from": str(checkpoint), "source": "fairchem EquiformerV2"})
