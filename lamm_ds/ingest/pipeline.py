@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lamm_ds.ingest.readers import (IngestError, LabelKeys, expand_inputs, iter_source, label_key_candidates,
-                                    missing_labels_error)
+from lamm_ds.ingest.readers import (IngestError, LabelKeys, expand_inputs, iter_source, missing_labels_error,
+                                    unread_label_notes)
 from lamm_ds.neighbors import MIN_INTERATOMIC_DISTANCE, TooManyPairsError, radius_graph, shortest_distance
 from lamm_ds.shards.dataset import LmdbDataset
 from lamm_ds.shards.format import DROPPED, DatasetWriter, GraphSettings
@@ -147,23 +147,6 @@ def _all_structures(files: list[Path], opts: IngestOptions, counter: list[int],
             counter[0] += 1
             yield s
         finish(source, kinds)
-
-
-def unread_label_notes(path: Path, kinds: set[str], trust_pickle: bool) -> list[str]:
-    """'file: no structure has forces, but arrays 'REF_forces' looks like them (--forces-key REF_forces)'."""
-    missing = [k for k in ("energy", "forces") if k not in kinds]
-    if not missing:
-        return []
-    found = label_key_candidates(path, trust_pickle)
-    notes = []
-    for kind in missing:
-        word = "energ" if kind == "energy" else "force"
-        named = [(where, name) for (where, name), k in found.items() if k == kind and word in name.lower()]
-        if named:
-            where, name = named[0]
-            notes.append(f"{path}: no structure has {kind}, but {where} {name!r} looks like {kind} "
-                         f"(pass --{kind}-key {name} to read it)")
-    return notes
 
 
 def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> IngestReport:

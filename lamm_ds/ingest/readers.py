@@ -578,6 +578,32 @@ def label_key_candidates(path: Path, trust_pickle: bool = False, limit: int = 5)
     return found
 
 
+_LABEL_WORDS = {"energy": "energ", "forces": "force", "stress": "stress"}
+
+
+def _named_like(found: dict[tuple[str, str], str], kind: str) -> list[tuple[str, str]]:
+    """The (where, key) candidates of ``kind`` whose key says so (``REF_forces`` for forces)."""
+    return [(where, name) for (where, name), k in found.items() if k == kind and _LABEL_WORDS[kind] in name.lower()]
+
+
+def unread_label_notes(path: Path, kinds: set[str], trust_pickle: bool = False) -> list[str]:
+    """For a file with some labels but no energy (or no forces) under the keys read: a note when a
+    key named like the missing label exists ('no structure has forces, but arrays 'REF_forces'
+    looks like forces'). An energy-only set is legitimate, so this is a note, not an error."""
+    missing = [k for k in ("energy", "forces") if k not in kinds]
+    if not missing:
+        return []
+    found = label_key_candidates(path, trust_pickle)
+    notes = []
+    for kind in missing:
+        named = _named_like(found, kind)
+        if named:
+            where, name = named[0]
+            notes.append(f"{path}: no structure has {kind}, but {where} {name!r} looks like {kind} "
+                         f"(pass --{kind}-key {name} to read it)")
+    return notes
+
+
 def missing_labels_error(path: Path, keys: LabelKeys, trust_pickle: bool = False) -> IngestError:
     """The error for a source file in which no structure has any label, suggesting keys to use."""
     used = ", ".join([keys.energy or "energy", keys.forces or "forces", keys.stress or "stress"])
@@ -588,12 +614,12 @@ def missing_labels_error(path: Path, keys: LabelKeys, trust_pickle: bool = False
                            "meant to be unlabelled (or name the keys with --energy-key/--forces-key/--stress-key)")
     listed = ", ".join(f"{where} {name!r}" for (where, name) in found)
     hints = []
-    for kind, word in (("energy", "energ"), ("forces", "force"), ("stress", "stress")):
+    for kind in ("energy", "forces", "stress"):
         names = list(dict.fromkeys(name for (_, name), k in found.items() if k == kind))
-        named = [n for n in names if word in n.lower()]
+        named = _named_like(found, kind)
         # first the one named like the label (info before arrays before calculator results), else a
         # lone candidate; a stress must say so in its name (a virial is not a stress)
-        pick = named[0] if named else names[0] if len(names) == 1 and kind != "stress" else None
+        pick = named[0][1] if named else names[0] if len(names) == 1 and kind != "stress" else None
         if pick is not None:
             hints.append(f"--{kind}-key {pick}")
     what = f"pass {' '.join(hints)}" if hints else "name them with --energy-key/--forces-key/--stress-key"
