@@ -95,7 +95,8 @@ def _cmd_make_demo(args) -> int:
     return 0
 
 
-def _run_training(config_files, overrides, run_dir, max_steps, quiet, resume=False, allow_config_change=False) -> int:
+def _run_training(config_files, overrides, run_dir, max_steps, quiet, resume=False, allow_config_change=False,
+                  trust_pickle=False) -> int:
     """The training engine (lamm_ds/engine/ds_engine.py) in this process: one rank, the same loop,
     checkpoints and resume as under ``deepspeed``."""
     from pathlib import Path
@@ -106,7 +107,8 @@ def _run_training(config_files, overrides, run_dir, max_steps, quiet, resume=Fal
     if max_steps is not None:
         overrides = [*overrides, f"max_steps={max_steps}"]
     cfg = load_config(config_files, overrides)
-    summary = run(cfg, Path(run_dir), resume=resume, progress=not quiet, allow_config_change=allow_config_change)
+    summary = run(cfg, Path(run_dir), resume=resume, progress=not quiet, allow_config_change=allow_config_change,
+                  trust_pickle=trust_pickle)
     history = summary["history"]
     losses = f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; " if history else ""
     print(f"trained {cfg.max_steps} steps: {losses}model: {summary['model_path']}; "
@@ -118,8 +120,11 @@ def _run_training(config_files, overrides, run_dir, max_steps, quiet, resume=Fal
 
 
 def _cmd_train(args) -> int:
+    from lamm_ds.engine.rundir import check_resume_arguments
+
+    check_resume_arguments(args)
     return _run_training(args.config, args.overrides, args.run_dir, args.max_steps, args.quiet, args.resume,
-                         args.allow_config_change)
+                         args.allow_config_change, args.trust_pickle)
 
 
 def _cmd_demo(args) -> int:
@@ -245,6 +250,8 @@ def _cmd_plan_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lamm_ds.engine.rundir import add_resume_arguments
+
     parser = argparse.ArgumentParser(prog="lamm-ds", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -296,9 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], help="YAML config (repeatable, merged in order)")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoints/latest")
-    p.add_argument("--allow-config-change", action="store_true",
-                   help="with --resume: accept a changed config (logged in config_changes.jsonl)")
+    add_resume_arguments(p)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden=128")
     p.set_defaults(func=_cmd_train)

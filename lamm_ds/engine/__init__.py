@@ -1,1 +1,1 @@
-"""Training: typed configs, the single-process loop, the DeepSpeed engine, export and evaluation."""
+"""Training: typed configs, the one training loop (DeepSpeed engine, also run in-process), export and evaluation."""

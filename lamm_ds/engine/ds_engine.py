@@ -41,7 +41,7 @@ from lamm_ds.engine.launcher_watch import watch_launcher
 from lamm_ds.engine.model_init import build_or_init_model
 from lamm_ds.engine.optim import build_optimizer
 from lamm_ds.engine.rundir import (CONFIG_FILE, DS_CONFIG_FILE, ConfigChangedError, RunDirBusyError, RunDirLock,
-                                   check_resume_config)
+                                   add_resume_arguments, check_resume_arguments, check_resume_config)
 from lamm_ds.engine.schedule import build_scheduler, check_edge_basis, resolve_cost_model, save_run_cost_model
 from lamm_ds.engine.step import AllReduceTimer, NonFiniteGuard, train_step
 from lamm_ds.engine.telemetry import Telemetry, environment, rank_environment
@@ -223,13 +223,7 @@ def parse_args(argv: list[str], finetune: bool = False) -> argparse.Namespace:
     p.add_argument("--config", action="append", default=None, help="YAML config (repeatable; merged in order)")
     p.add_argument("--run-dir", default=None, help="where checkpoints, logs and the exported model go")
     p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoints/latest")
-    p.add_argument("--allow-config-change", action="store_true",
-                   help="with --resume: accept a config that differs from the run's config.yaml (changes are "
-                        "logged in config_changes.jsonl; config.yaml keeps the original)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="with --resume: unpickle the DeepSpeed checkpoint fully (can run code from the file); "
-                        "by default only tensors and a short list of DeepSpeed's own classes are loaded")
+    add_resume_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if finetune:
         p.add_argument("--init", required=False, default=None,
@@ -255,8 +249,7 @@ def main(argv: list[str] | None = None, default_config: str = "configs/demo.yaml
     if finetune and args.init is not None:
         overrides.append(f"finetune.init={args.init}")
     files = [str(resolve_path(f)) for f in (args.config or [default_config])]
-    if (args.allow_config_change or args.trust_pickle) and not args.resume:
-        raise SystemExit("--allow-config-change and --trust-pickle only apply with --resume")
+    check_resume_arguments(args)
     try:
         cfg = load_config(files, overrides)
         if finetune and cfg.finetune.init is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -119,3 +120,19 @@ def check_resume_config(run_dir: Path, config_yaml: str, ds_config: dict, allow_
                                  "changes": [{"key": k, "was": old, "now": new} for k, old, new in changes]},
                                 default=str) + "\n")
     return changes
+
+
+def add_resume_arguments(p: argparse.ArgumentParser) -> None:
+    """``--resume`` and the two flags that only apply with it (launch scripts and ``lamm-ds train``)."""
+    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoints/latest")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept a config that differs from the run's config.yaml (changes are "
+                        "logged in config_changes.jsonl; config.yaml keeps the original)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="with --resume: unpickle the DeepSpeed checkpoint fully (can run code from the file); "
+                        "by default only tensors and a short list of DeepSpeed's own classes are loaded")
+
+
+def check_resume_arguments(args: argparse.Namespace) -> None:
+    if (args.allow_config_change or args.trust_pickle) and not args.resume:
+        raise SystemExit("--allow-config-change and --trust-pickle only apply with --resume")

@@ -91,6 +91,15 @@ def test_allow_config_change_without_resume_is_an_error(demo_data, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_lamm_ds_train_takes_the_same_resume_flags(demo_data, tmp_path, capsys):
+    from lamm_ds.cli import main
+
+    with pytest.raises(SystemExit, match="only apply with --resume"):
+        main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--run-dir", str(tmp_path / "t"),
+              "--trust-pickle", "max_steps=2"])
+    assert not (tmp_path / "t").exists()
+
+
 def test_fresh_start_in_a_directory_with_checkpoints_is_refused(done_run, demo_data, tmp_path):
     run_dir = _copy(done_run, tmp_path)
     before = _sha256(run_dir / "model.safetensors")
@@ -152,6 +161,7 @@ def test_resume_never_runs_code_from_a_checkpoint(done_run, demo_data, tmp_path)
     proc = _pretrain(run_dir, demo_data, "--max-steps", "4", "--resume", "checkpoint.every=2")
     assert proc.returncode == 2
     assert "mp_rank_00_model_states.pt: holds Python objects outside the safe list" in proc.stderr
+    assert "(it needs " in proc.stderr and "getattr" in proc.stderr  # the global the payload asked for is named
     assert "--trust-pickle" in proc.stderr
     assert not marker.exists(), "a checkpoint ran code on resume"
 
