@@ -71,15 +71,16 @@ def merge_trained_elements(previous: dict[str, list[int]] | None, datasets) -> d
 
 
 def nonfinite_structures(out: dict, batch, head_names: list[str], datasets, limit: int = 8) -> str:
-    """Which structures of a batch gave a non-finite energy or force (all of them if none did:
+    """Which structures of a batch gave a non-finite energy or (pseudo-)force (all of them if none did:
     then the loss itself overflowed), as 'name[index] (source file: structure k)'."""
     import torch
 
     energy = out["energy"].detach()
     bad = ~torch.isfinite(energy)
-    if "forces" in out:
-        atom_bad = ~torch.isfinite(out["forces"].detach()).all(dim=-1)
-        bad = bad | torch.zeros_like(bad).index_add_(0, batch.batch, atom_bad.to(bad.dtype)).bool()
+    for key in ("forces", "pseudo_forces"):  # pseudo_forces: a separate denoising head's output
+        if key in out:
+            atom_bad = ~torch.isfinite(out[key].detach()).all(dim=-1)
+            bad = bad | torch.zeros_like(bad).index_add_(0, batch.batch, atom_bad.to(bad.dtype)).bool()
     graphs = torch.nonzero(bad).flatten().tolist() or list(range(batch.num_graphs))
     by_name = {d.name: d for d in datasets}
     parts = []

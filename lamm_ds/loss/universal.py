@@ -11,7 +11,9 @@ Terms (errors are divided by the graph's dataset normalisation std from the mode
 
 * energy: per-atom energy error ``(E_pred - E) / natoms / energy_scale`` over graphs with ``has_energy``;
 * force: per-atom force error over free atoms of graphs with ``has_forces & ~is_pseudo``;
-* pseudo: same, over free atoms of graphs with ``is_pseudo & has_forces`` (denoising labels);
+* pseudo: same, over free atoms of graphs with ``is_pseudo & has_forces`` (denoising labels),
+  compared with ``pseudo_forces`` when the model has a separate denoising head (then unnormalised:
+  that head predicts the ~unit-variance labels in their own units), else with ``forces``;
 * stress: per-graph over ``has_stress`` graphs (divided by ``stress_scale`` if present), using
   ``energy_metric`` on the 9 components (mean over components).
 
@@ -102,10 +104,19 @@ def _energy_err(out: dict, batch: AtomsBatch, sel: torch.Tensor, normalise: bool
     return err
 
 
-def _force_err(out: dict, batch: AtomsBatch, sel: torch.Tensor, normalise: bool) -> torch.Tensor:
-    f_pred = out["forces"]
+def _force_prediction(out: dict, term: str) -> tuple[torch.Tensor, bool]:
+    """The prediction a force-like term ("force" or "pseudo") is compared with, and whether its
+    error is divided by the dataset ``force_scale``. A separate denoising head (``pseudo_forces``)
+    is not scaled by the dataset force std, so neither is its error."""
+    if term == "pseudo" and "pseudo_forces" in out:
+        return out["pseudo_forces"], False
+    return out["forces"], True
+
+
+def _force_err(out: dict, batch: AtomsBatch, sel: torch.Tensor, normalise: bool, term: str = "force") -> torch.Tensor:
+    f_pred, scaled = _force_prediction(out, term)
     err = f_pred[sel] - batch.forces[sel].to(f_pred.dtype)
-    if normalise:
+    if normalise and scaled:
         err = err / _per_graph(out, "force_scale", batch, f_pred)[batch.batch[sel]].unsqueeze(-1)
     return err
 
@@ -122,7 +133,7 @@ def _error_sums(out: dict, batch: AtomsBatch, cfg: LossConfig, masks: dict) -> d
     e = _energy_err(out, batch, masks["energy"], normalise=True)
     sums["energy"] = e.abs().sum() if cfg.energy_metric == "mae" else e.square().sum()
     for term in ("force", "pseudo"):
-        f = _force_err(out, batch, masks[term], normalise=True)
+        f = _force_err(out, batch, masks[term], normalise=True, term=term)
         if cfg.force_metric == "l2":
             # vector_norm's backward is 0 (not NaN) at a zero error
             sums[term] = torch.linalg.vector_norm(f, dim=-1).sum()
@@ -170,6 +181,11 @@ def universal_loss(
         if weights[term] != 0.0:  # skipping keeps a 0-weight term from adding 0*inf = NaN
             loss = loss + weights[term] * value
         metrics[f"loss_{term}"] = value.detach()
+    if "pseudo_forces" in out:
+        # An exact zero that depends on the denoising head (an empty slice: no 0 * inf = NaN), so its
+        # parameters get a gradient on every rank even when this batch holds no pseudo-labelled graph
+        # or the pseudo weight is 0: ZeRO/DDP ranks must reduce identical gradient sets.
+        loss = loss + out["pseudo_forces"][:0].sum()
     metrics["loss"] = loss.detach()
     with torch.no_grad():
         metrics.update(_local_maes(out, batch, masks))
@@ -181,7 +197,7 @@ def _local_maes(out: dict, batch: AtomsBatch, masks: dict) -> dict[str, torch.Te
     e = _energy_err(out, batch, masks["energy"], normalise=False)
     res["energy_mae_per_atom"] = e.abs().sum() / max(e.numel(), 1)
     for term, name in (("force", "force_mae"), ("pseudo", "pseudo_force_mae")):
-        f = _force_err(out, batch, masks[term], normalise=False)
+        f = _force_err(out, batch, masks[term], normalise=False, term=term)
         res[name] = f.abs().sum() / max(f.numel(), 1)
     if "stress" in out:
         s = out["stress"][masks["stress"]] - batch.stress[masks["stress"]].to(out["stress"].dtype)
@@ -215,7 +231,7 @@ def per_dataset_metrics(out: dict, batch: AtomsBatch, names: list[str]) -> torch
     add("energy_sq_sum", ds[sel], e.square())
     for term in ("force", "pseudo"):
         sel = masks[term]
-        f = _force_err(out, batch, sel, normalise=False)
+        f = _force_err(out, batch, sel, normalise=False, term=term)
         atom_ds = ds[batch.batch[sel]]
         add(f"{term}_count", atom_ds, torch.full_like(f[:, 0], 3.0))
         add(f"{term}_abs_sum", atom_ds, f.abs().sum(-1))

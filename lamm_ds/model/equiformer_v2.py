@@ -500,6 +500,7 @@ class EquiformerV2Potential(Potential):
         self.heads = nn.ModuleDict()
         self.force_head = (EqV2ForceHead(cfg, self.backbone.layout, self.backbone.edge_grid)
                            if cfg.forces == "direct" else None)
+        self.denoise_head = None  # the separate denoising head is a PaiNN option (PaiNNConfig.denoise_head)
         for name in dataset_names:
             if stats is not None and name not in stats:
                 raise KeyError(f"no DatasetStats given for dataset {name!r}")

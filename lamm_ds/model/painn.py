@@ -39,6 +39,7 @@ class PaiNNConfig:
     stress: bool = False           # only with conservative forces (d E / d strain)
     rbf: str = "gaussian"          # "gaussian" (as schnetpack/fairchem configs) or "sinc" (paper)
     fused_messages: bool = True    # memory-lean fused edge op; False = plain autograd (reference)
+    denoise_head: bool = False     # separate vector head for denoising labels (out["pseudo_forces"])
 
     def __post_init__(self) -> None:
         if self.forces not in FORCE_MODES:
@@ -51,7 +52,12 @@ class PaiNNConfig:
             raise ValueError(f"invalid PaiNN sizes: {self}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        # Left out while off: a model without the head exports the same metadata as before the
+        # option existed, so older lamm-ds versions still read it (from_dict defaults it to False).
+        if not d["denoise_head"]:
+            del d["denoise_head"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PaiNNConfig":

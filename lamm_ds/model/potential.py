@@ -3,7 +3,9 @@
 ``Potential.forward(batch)`` returns a dict (per-graph tensors have B rows, per-atom N rows):
   energy (B,) eV; forces (N, 3) eV/Å; stress (B, 3, 3) eV/Å^3 (conservative + cfg.stress only,
   ASE sign convention, zeros for non-periodic graphs); energy_scale (B,) per-atom energy std of
-  the graph's dataset (eV/atom); force_scale (B,) force std of the graph's dataset (eV/Å).
+  the graph's dataset (eV/atom); force_scale (B,) force std of the graph's dataset (eV/Å);
+  pseudo_forces (N, 3) (only with cfg.denoise_head): the separate denoising head's prediction of
+  the pseudo-force labels, in the labels' own units (see ``Potential.__init__``).
 Graph g uses head ``dataset_names[batch.dataset_id[g]]``. Outputs are in the geometry dtype
 (fp32, or fp64 for an fp64 batch) even when the module is bf16.
 Conservative forces and stress are computed inside ``forward`` (DeepSpeed hooks the outputs, so
@@ -40,6 +42,12 @@ class Potential(nn.Module):
         self.backbone = PaiNN(cfg)
         self.heads = nn.ModuleDict()
         self.force_head = DirectForceHead(cfg.hidden) if cfg.forces == "direct" else None
+        # Noisy-nodes / DeNS-style denoising: pseudo-force labels get their own equivariant head on
+        # the backbone features, so the real force path (direct head or -dE/dx of an energy head) is
+        # not asked to fit synthetic restoring forces. Its output is not multiplied by a dataset
+        # force std: the labels are ~unit variance by construction (lamm_ds.denoise), whatever the
+        # dataset, and the loss compares them unnormalised (lamm_ds.loss.universal).
+        self.denoise_head = DirectForceHead(cfg.hidden) if cfg.denoise_head else None
         for name in dataset_names:
             if stats is not None and name not in stats:
                 raise KeyError(f"no DatasetStats given for dataset {name!r}")
@@ -98,7 +106,8 @@ class Potential(nn.Module):
     # whatever the backbone returns (PaiNN: scalar and vector node features).
 
     def _features(self, batch: AtomsBatch, vectors: torch.Tensor, conservative: bool, return_features: bool):
-        return self.backbone(batch, vectors, need_vectors=not conservative or return_features)
+        need_vectors = not conservative or return_features or self.denoise_head is not None
+        return self.backbone(batch, vectors, need_vectors=need_vectors)
 
     def _normalised_atom_energy(self, feats, batch: AtomsBatch, atom_ds: torch.Tensor, gdtype) -> torch.Tensor:
         return self._atom_energy_norm(feats[0], atom_ds).to(gdtype)
@@ -135,6 +144,7 @@ class Potential(nn.Module):
                     volume = torch.linalg.det(batch.cell.to(gdtype)).abs()
                 vectors = batch.edge_vectors(pos, cell)
             feats = self._features(batch, vectors, conservative, return_features)
+            pseudo = self.denoise_head(*feats).to(gdtype) if self.denoise_head is not None else None
 
             atom_ds = batch.dataset_id.index_select(0, batch.batch)
             e_norm = self._normalised_atom_energy(feats, batch, atom_ds, gdtype)
@@ -164,6 +174,8 @@ class Potential(nn.Module):
             else:
                 out["forces"] = self._direct_forces(feats).to(gdtype) * fstd[atom_ds].unsqueeze(-1)
 
+            if pseudo is not None:
+                out["pseudo_forces"] = pseudo
             out["energy_scale"] = std[batch.dataset_id]
             out["force_scale"] = fstd[batch.dataset_id]
             if return_features:
