@@ -38,6 +38,7 @@ class DataConfig:
     num_workers: int = 0                # DataLoader worker processes
     stats_samples: int = 5000           # structures per dataset used to fit references/normalisation
     demo_dir: Optional[str] = None      # generate the embedded demo data here on first use
+    corpus_dir: Optional[str] = None    # only an anchor for paths (${data.corpus_dir}/<subset>); generates nothing
 
 
 @dataclass
