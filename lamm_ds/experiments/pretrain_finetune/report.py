@@ -1,5 +1,6 @@
 """Results of finished runs: final errors, learning curves, steps to reach the scratch model's final
-force error, probes of the pre-trained models, headline figures, plots and the Markdown tables."""
+force error, probes of the pre-trained models, seed statistics (:mod:`.stats`), headline figures and
+the Markdown tables (the acac-only form's tables, then the general ones)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import numpy as np
 
 from lamm_ds.experiments.pretrain_finetune.config import ExperimentConfig, _path
 from lamm_ds.experiments.pretrain_finetune.plan import RunSpec
+from lamm_ds.experiments.pretrain_finetune.plots import _label
+from lamm_ds.experiments.pretrain_finetune.stats import (arm_values, compare, paired_ratio, ranking, same_key,
+                                                         scratch_key, stats_markdown, steps_summary)
 
 
 def _curve(run_dir: Path, sets: list[str]) -> dict:
@@ -62,52 +66,85 @@ def steps_to_reach(steps: list[int], values: list[float], target: float) -> Opti
     return None
 
 
+def _targets(cfg: ExperimentConfig) -> list[dict]:
+    return [{"name": t.name, "sizes": sorted(t.sizes), "test_sets": t.test_set_names, "curve_sets": t.curve_sets,
+             "target_set": t.target_set} for t in cfg.fine_targets]
+
+
+def _run_entry(spec: RunSpec, status: dict, summary: dict) -> dict:
+    entry = {"stage": spec.stage, "variant": spec.variant, "size": spec.size, "seed": spec.seed,
+             "pretrain_seed": spec.pretrain_seed, "target": spec.target, "wall_s": status.get("wall_s"),
+             "steps": summary["steps"], "world_size": summary["world_size"], "final": summary.get("evaluation", {}),
+             "run_dir": str(spec.run_dir)}
+    hist = summary.get("history") or []
+    if hist:
+        entry["first_loss"], entry["last_loss"] = hist[0]["loss"], hist[-1]["loss"]
+        entry["last_record"] = {k: v for k, v in hist[-1].items() if k.startswith("dataset/")
+                                or k in ("loss", "imbalance", "predicted_imbalance", "busy_imbalance")}
+    if spec.stage == "pretrain":
+        for key in ("imbalance", "busy_imbalance", "predicted_imbalance"):
+            vals = [h[key] for h in hist if h.get(key) is not None]
+            entry[f"mean_{key}"] = float(np.mean(vals)) if vals else None
+    return entry
+
+
 def collect(cfg: ExperimentConfig, runs: list[RunSpec], status: dict[str, dict]) -> dict:
-    """Final errors, curves, steps-to-reach and timings of every finished run."""
-    sets = cfg.curve_sets
-    res: dict = {"sizes": sorted(cfg.sizes), "variants": [asdict(v) for v in cfg.variants],
-                 "target_set": cfg.target_set, "pretrain": {}, "runs": {}, "status": status}
+    """Final errors, curves, steps-to-reach, timings and seed statistics of every finished run.
+
+    ``pretrain`` is keyed by the run name without ``pretrain_`` (the variant, or ``<variant>_s<seed>``).
+    """
+    targets = _targets(cfg)
+    curve_sets = {t["name"]: t["curve_sets"] for t in targets}
+    res: dict = {"named_targets": cfg.named_targets, "targets": targets,
+                 "sizes": sorted({n for t in targets for n in t["sizes"]}),
+                 "variants": [asdict(v) for v in cfg.variants], "target_set": targets[0]["target_set"],
+                 "pretrain": {}, "runs": {}, "status": status}
     for spec in runs:
         if status.get(spec.name, {}).get("state") != "done":
             continue
-        summary = json.loads((spec.run_dir / "summary.json").read_text())
-        entry = {"stage": spec.stage, "variant": spec.variant, "size": spec.size, "seed": spec.seed,
-                 "wall_s": status[spec.name].get("wall_s"), "steps": summary["steps"],
-                 "world_size": summary["world_size"], "final": summary.get("evaluation", {}),
-                 "run_dir": str(spec.run_dir)}
-        hist = summary.get("history") or []
-        if hist:
-            entry["first_loss"], entry["last_loss"] = hist[0]["loss"], hist[-1]["loss"]
-            entry["last_record"] = {k: v for k, v in hist[-1].items() if k.startswith("dataset/")
-                                    or k in ("loss", "imbalance", "predicted_imbalance", "busy_imbalance")}
+        entry = _run_entry(spec, status[spec.name], json.loads((spec.run_dir / "summary.json").read_text()))
         if spec.stage == "pretrain":
             entry["probe"] = probe_pretrained(cfg, spec.run_dir)
-            for key in ("imbalance", "busy_imbalance", "predicted_imbalance"):
-                vals = [h[key] for h in hist if h.get(key) is not None]
-                entry[f"mean_{key}"] = float(np.mean(vals)) if vals else None
-            res["pretrain"][spec.variant] = entry
+            res["pretrain"][spec.name.removeprefix("pretrain_")] = entry
         else:
-            entry["curve"] = _curve(spec.run_dir, sets)
+            entry["curve"] = _curve(spec.run_dir, curve_sets[spec.target])
             res["runs"][spec.name] = entry
-    # Steps each run needs to reach the scratch model's final force error (same size, same curve set).
-    reach: dict = {}
-    for name, r in res["runs"].items():
-        suffix = "" if r["seed"] is None else f"_seed{r['seed']}"
-        scratch = res["runs"].get(f"scratch_n{r['size']}{suffix}")  # same size and seed
-        if not scratch or cfg.target_set not in scratch.get("curve", {}) or cfg.target_set not in r.get("curve", {}):
-            continue
-        target = scratch["curve"][cfg.target_set]["forces_mae"][-1]
-        s = steps_to_reach(r["curve"]["steps"], r["curve"][cfg.target_set]["forces_mae"], target)
-        r["steps_to_scratch_final"] = s
-        r["scratch_final_forces_mae"] = target
-        if r["seed"] is None:
-            reach.setdefault(r["variant"], {})[str(r["size"])] = s
-    res["steps_to_scratch_final"] = reach
+    res["steps_to_scratch_final"] = _steps_to_scratch(res)
+    res["stats"] = compare(res, cfg.main)
+    res["ranking"] = ranking(res["stats"], targets)
+    res["steps_summary"] = steps_summary(res["runs"])
     return res
 
 
+def _steps_to_scratch(res: dict) -> dict:
+    """Steps each run needs to reach the final force error on its target set of the scratch run with
+    the same target, size and fine-tuning seed (stored in the run's entry); returns those of the
+    config-seed runs per variant and size (the acac-only form's summary)."""
+    target_set = {t["name"]: t["target_set"] for t in res["targets"]}
+    scratch = {(r["target"], r["size"], r["seed"]): r for r in res["runs"].values() if r["stage"] == "scratch"}
+    reach: dict = {}
+    for r in res["runs"].values():
+        ts, ref = target_set[r["target"]], scratch.get((r["target"], r["size"], r["seed"]))
+        if not ref or ts not in ref.get("curve", {}) or ts not in r.get("curve", {}):
+            continue
+        target = ref["curve"][ts]["forces_mae"][-1]
+        r["steps_to_scratch_final"] = steps_to_reach(r["curve"]["steps"], r["curve"][ts]["forces_mae"], target)
+        r["scratch_final_forces_mae"] = target
+        if r["seed"] is None and r.get("pretrain_seed") is None:
+            reach.setdefault(r["variant"], {})[str(r["size"])] = r["steps_to_scratch_final"]
+    return reach
+
+
 def headline(res: dict, main: str) -> dict:
-    """Ratios first (pre-trained / scratch errors on the full test sets; step speed-ups), then the rest."""
+    """Ratios first (pre-trained / scratch errors; main / each variant with its 95% interval), then
+    step speed-ups or steps-to-reach medians, then absolute errors (meV)."""
+    ratios, speed, absolute = _legacy_headline(res, main) if not res.get("named_targets") \
+        else _target_headline(res, main)
+    return {**ratios, **_variant_ratios(res, main), **speed, **absolute}
+
+
+def _legacy_headline(res: dict, main: str) -> tuple[dict, dict, dict]:
+    """The acac-only form's figures: config-seed scratch vs main fine-tune per size and test set."""
     ratios, speed, absolute = {}, {}, {}
     for n in res["sizes"]:
         scratch, pre = res["runs"].get(f"scratch_n{n}"), res["runs"].get(f"finetune_{main}_n{n}")
@@ -125,85 +162,55 @@ def headline(res: dict, main: str) -> dict:
         # s == 0: the pre-trained model starts below scratch's final error (no finite speed-up)
         speed[f"steps_speedup_n{n}"] = round(total / s, 3) if s else None
         absolute[f"steps_to_scratch_final_n{n}"] = s
-    return {**ratios, **speed, **absolute}
+    return ratios, speed, absolute
 
 
-def _label(variant: str, cfg_variants: list[dict]) -> str:
-    for v in cfg_variants:
-        if v["name"] == variant and v.get("description"):
-            return f"{variant}: {v['description']}"
-    return variant
+def _ratio_items(key: str, r: dict) -> dict:
+    ci = None if r["low"] is None else [round(r["low"], 4), round(r["high"], 4)]
+    return {key: None if r["ratio"] is None else round(r["ratio"], 4), f"{key}_ci95": ci}
 
 
-def plot_curves(res: dict, out_dir: Path, main: str) -> list[Path]:
-    """Learning curves against fine-tuning steps: force and energy MAE of scratch vs the main
-    pre-trained model (extra seeds as thin lines), and the force MAE of every pre-training variant."""
-    seeds = sorted({r["seed"] for r in res["runs"].values() if r.get("seed") is not None})
-    variants = [v["name"] for v in res["variants"]]
-    figures = [("forces_mae", "force MAE (meV/Å)", "learning_curves_forces.png", ["scratch", main], seeds),
-               ("energy_mae_per_atom", "energy MAE (meV/atom)", "learning_curves_energy.png", ["scratch", main], seeds)]
-    if len(variants) > 1:
-        figures.append(("forces_mae", "force MAE (meV/Å)", "ablation_curves_forces.png", ["scratch", *variants], []))
-    return [p for p in (_curve_figure(res, out_dir / f, m, label, names, s) for m, label, f, names, s in figures)
-            if p is not None]
+def _target_headline(res: dict, main: str) -> tuple[dict, dict, dict]:
+    """Per target and size, on its target set: main / scratch (geometric mean over the seed pairs, 95%
+    interval), the median steps to reach scratch's final force error, and the mean errors (meV)."""
+    ratios, speed, absolute = {}, {}, {}
+    for t in res["targets"]:
+        for n in t["sizes"]:
+            where = f"{t['name']}_n{n}"
+            for metric, key in (("forces_mae", "force_mae"), ("energy_mae_per_atom", "energy_mae")):
+                a = arm_values(res["runs"], main, t["name"], n, t["target_set"], metric)
+                b = arm_values(res["runs"], "scratch", t["name"], n, t["target_set"], metric)
+                if a and b:
+                    ratios.update(_ratio_items(f"{key}_ratio_{where}", paired_ratio(a, b, scratch_key)))
+                    absolute[f"{key}_{where}_pretrained_meV"] = round(1000 * float(np.mean(list(a.values()))), 3)
+                    absolute[f"{key}_{where}_scratch_meV"] = round(1000 * float(np.mean(list(b.values()))), 3)
+            s = res["steps_summary"].get(t["name"], {}).get(str(n), {}).get(main)
+            if s:
+                speed[f"steps_to_scratch_final_median_{where}"] = s["median"]
+    return ratios, speed, absolute
 
 
-def _curve_figure(res: dict, path: Path, metric: str, label: str, names: list[str], seeds: list[int]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = res["sizes"]
-    sets = next((list(k for k in r["curve"] if k != "steps") for r in res["runs"].values() if r.get("curve")), [])
-    if not sets:
-        return None
-    main = names[1] if len(names) > 1 else None
-    fig, axes = plt.subplots(len(sets), len(sizes), figsize=(4.2 * len(sizes), 3.4 * len(sets)), squeeze=False,
-                             sharey="row")
-    for row, set_name in enumerate(sets):
-        for col, n in enumerate(sizes):
-            ax = axes[row][col]
-            for k, name in enumerate(names):
-                base = f"scratch_n{n}" if name == "scratch" else f"finetune_{name}_n{n}"
-                color = "black" if name == "scratch" else f"C{k - 1}"
-                for seed in [None, *seeds]:
-                    r = res["runs"].get(base if seed is None else f"{base}_seed{seed}")
-                    if not r or set_name not in r.get("curve", {}):
-                        continue
-                    y = 1000 * np.asarray(r["curve"][set_name][metric])
-                    if seed is not None:  # seed controls: thin, unlabelled
-                        ax.plot(r["curve"]["steps"], y, color=color, lw=0.7, alpha=0.5)
-                        continue
-                    ax.plot(r["curve"]["steps"], y, color=color, lw=2 if name in ("scratch", main) else 1.2,
-                            ls="-" if name in ("scratch", main) else "--",
-                            label="scratch" if name == "scratch" else f"pre-trained ({_label(name, res['variants'])})")
-                    if name == "scratch" and metric == "forces_mae":
-                        ax.axhline(y[-1], color="black", lw=0.8, ls=":")
-            ax.set_yscale("log")
-            ax.set_title(f"{set_name}, {n} training structures", fontsize=9)
-            ax.set_xlabel("fine-tuning steps")
-            if col == 0:
-                ax.set_ylabel(label)
-            ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if seeds:
-        labels = [*labels, f"thin lines: fine-tuning seeds {', '.join(map(str, seeds))}"]
-        handles = [*handles, plt.Line2D([], [], color="0.4", lw=0.7)]
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
-    rows = (len(labels) + 2) // 3
-    fig.tight_layout(rect=(0, 0.03 + 0.035 * rows, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def _variant_ratios(res: dict, main: str) -> dict:
+    """``main_vs_<variant>_force_mae_ratio_<target>_n<N>``: main / variant force MAE on the target set,
+    geometric mean over equal-seed pairs, with its 95% interval (``..._ci95``, None for one pair)."""
+    out = {}
+    for t in res["targets"]:
+        for n in t["sizes"]:
+            a = arm_values(res["runs"], main, t["name"], n, t["target_set"], "forces_mae")
+            for v in [x["name"] for x in res["variants"] if x["name"] != main]:
+                b = arm_values(res["runs"], v, t["name"], n, t["target_set"], "forces_mae")
+                r = paired_ratio(a, b, same_key)
+                if r["n"]:
+                    out.update(_ratio_items(f"{main}_vs_{v}_force_mae_ratio_{t['name']}_n{n}", r))
+    return out
 
 
 def _fmt(x: Optional[float], scale: float = 1000.0, digits: int = 2) -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{scale * x:.{digits}f}"
 
 
-def report_markdown(res: dict, main: str) -> str:
-    """Tables of the measured results (the reading is written by people, in docs/results.md)."""
+def _legacy_tables(res: dict, main: str) -> list[str]:
+    """The acac-only form's tables (config-seed runs by name; the seed controls)."""
     sets = []
     for r in res["runs"].values():
         sets = list(r["final"])
@@ -306,42 +313,87 @@ def report_markdown(res: dict, main: str) -> str:
                              f"{_fmt(m['energy_mae_per_atom'])} | {_fmt(m['energy_rmse_per_atom'])} | "
                              f"{_fmt(m['forces_mae'], digits=1)} | {_fmt(m['forces_rmse'], digits=1)} | "
                              f"{reach(r) if set_name == res['target_set'] else '—'} |")
-    lines += ["", "### Pre-training runs", "",
-              "| variant | description | steps | ranks | wall (s) | first → last loss | demo_metals_test F MAE (meV/Å) "
-              "| step-time imbalance (max/mean, mean over logged steps) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for v in res["variants"]:
-        p = res["pretrain"].get(v["name"])
-        if not p:
-            continue
-        metals = p["final"].get("demo_metals_test", {}).get("forces_mae")
-        lines.append(f"| {v['name']} | {v.get('description', '')} | {p['steps']} | {p['world_size']} | "
-                     f"{p['wall_s']:.0f} | {p.get('first_loss', math.nan):.3f} → {p.get('last_loss', math.nan):.3f} | "
-                     f"{_fmt(metals, digits=1)} | {_fmt(p.get('mean_imbalance'), scale=1.0, digits=3)} |")
+    return lines
+
+
+def _all_final_errors(res: dict) -> list[str]:
+    """Every fine-tune and scratch run's final errors (the general form's version of that table)."""
+    lines = ["### All final errors", "",
+             "Energy MAE/RMSE per atom (meV/atom), force-component MAE/RMSE (meV/Å), after the last step; seeds "
+             "'—': the config's.", "",
+             "| target | N | run | pre-training seed | fine-tuning seed | test set | E MAE | E RMSE | F MAE | F RMSE "
+             "| steps to scratch's final F MAE |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    target_set = {t["name"]: t["target_set"] for t in res["targets"]}
+    order = {t["name"]: k for k, t in enumerate(res["targets"])}
+    arms = ["scratch", *[v["name"] for v in res["variants"]]]
+    runs = sorted(res["runs"].values(), key=lambda r: (order.get(r["target"], 0), r["size"], arms.index(r["variant"]),
+                                                        str(r.get("pretrain_seed")), str(r.get("seed"))))
+    for r in runs:
+        s = r.get("steps_to_scratch_final")
+        for set_name, m in r["final"].items():
+            steps = ("not reached" if s is None else str(s)) if set_name == target_set[r["target"]] else "—"
+            seeds = " | ".join("—" if x is None else str(x) for x in (r.get("pretrain_seed"), r.get("seed")))
+            lines.append(f"| {r['target']} | {r['size']} | {r['variant']} | {seeds} | {set_name} | "
+                         f"{_fmt(m['energy_mae_per_atom'])} | {_fmt(m['energy_rmse_per_atom'])} | "
+                         f"{_fmt(m['forces_mae'], digits=1)} | {_fmt(m['forces_rmse'], digits=1)} | {steps} |")
+    return lines
+
+
+def _pretrain_table(res: dict) -> list[str]:
+    descriptions = {v["name"]: v.get("description", "") for v in res["variants"]}
+    sets = sorted({k for p in res["pretrain"].values() for k in p["final"]})
+    lines = ["### Pre-training runs", "",
+             "| run | description | steps | ranks | wall (s) | first → last loss | "
+             + "".join(f"{k} F MAE (meV/Å) | " for k in sets)
+             + "step-time imbalance (max/mean, mean over logged steps) |",
+             "|---|---|---|---|---|---|" + "---|" * (len(sets) + 1)]
+    for key, p in res["pretrain"].items():
+        errors = "".join(f"{_fmt(p['final'].get(k, {}).get('forces_mae'), digits=1)} | " for k in sets)
+        imbalance = _fmt(p.get("mean_imbalance"), scale=1.0, digits=3)
+        lines.append(f"| {key} | {descriptions.get(p['variant'], '')} | {p['steps']} | {p['world_size']} | "
+                     f"{p['wall_s'] or math.nan:.0f} | {p.get('first_loss', math.nan):.3f} → "
+                     f"{p.get('last_loss', math.nan):.3f} | {errors}{imbalance} |")
+    return lines
+
+
+def _probe_table(res: dict) -> list[str]:
     probes = sorted({k for p in res["pretrain"].values() for k in p.get("probe", {})})
+    if not probes:
+        return []
+    legacy = not res.get("named_targets")
+    sizes = res["sizes"] if legacy else []
+    lines = ["### Pre-trained models on the probe sets" + (", and what their fine-tunes reached" if legacy else ""), "",
+             "Force MAE (meV/Å) / energy MAE (meV/atom) of each pre-trained model (its own head) on the probe sets"
+             + (f"; then the {res['target_set']} force MAE of its fine-tune at each N." if legacy else "."), "",
+             "| pre-training | " + " | ".join(probes) + "".join(f" | fine-tune F MAE, N={n}" for n in sizes) + " |",
+             "|---|" + "---|" * (len(probes) + len(sizes))]
+    for key, p in res["pretrain"].items():
+        cells = [f"{_fmt(p['probe'][k]['forces_mae'], digits=1)} / {_fmt(p['probe'][k]['energy_mae_per_atom'])}"
+                 if k in p.get("probe", {}) else "—" for k in probes]
+        for n in sizes:
+            r = res["runs"].get(f"finetune_{key}_n{n}")
+            cells.append(_fmt(r["final"][res["target_set"]]["forces_mae"], digits=1) if r else "—")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report_markdown(res: dict, main: str) -> str:
+    """Tables of the measured results (the reading is written by people, in docs/results.md)."""
+    lines = _legacy_tables(res, main) if not res.get("named_targets") else []
+    stats = stats_markdown(res, main)
+    if stats:
+        lines += ([""] if lines else []) + stats
+    if res.get("named_targets"):
+        lines += ["", *_all_final_errors(res)]
+    lines += ["", *_pretrain_table(res)]
+    probes = _probe_table(res)
     if probes:
-        lines += ["", "### Pre-trained models on the probe sets, and what their fine-tunes reached", "",
-                  "Force MAE (meV/Å) / energy MAE (meV/atom) of each pre-trained model (its own head) on "
-                  f"the probe sets; then the {res['target_set']} force MAE of its fine-tune at each N.", "",
-                  "| variant | " + " | ".join(probes) + " | " + " | ".join(f"fine-tune F MAE, N={n}" for n in res["sizes"])
-                  + " |", "|---|" + "---|" * (len(probes) + len(res["sizes"]))]
-        for v in res["variants"]:
-            p = res["pretrain"].get(v["name"])
-            if not p:
-                continue
-            cells = [f"{_fmt(p['probe'][k]['forces_mae'], digits=1)} / {_fmt(p['probe'][k]['energy_mae_per_atom'])}"
-                     if k in p.get("probe", {}) else "—" for k in probes]
-            for n in res["sizes"]:
-                r = run(v["name"], n)
-                cells.append(_fmt(r["final"][res["target_set"]]["forces_mae"], digits=1) if r else "—")
-            lines.append(f"| {v['name']} | " + " | ".join(cells) + " |")
-    walls = [r["wall_s"] for r in runs.values() if r.get("wall_s")]
+        lines += ["", *probes]
+    walls = [r["wall_s"] for r in res["runs"].values() if r.get("wall_s")]
     if walls:
         lines += ["", f"Fine-tune/scratch runs: {len(walls)}, {min(walls):.0f}–{max(walls):.0f} s each "
                       "(one process each, run side by side)."]
     if res.get("clean_total_wall_s"):
         lines.append(f"Whole experiment from a clean start (data, every run, collection): "
                      f"{res['clean_total_wall_s'] / 60:.1f} min wall.")
-    return "\n".join(lines) + "\n"
-
-
+    return "\n".join(lines).lstrip("\n") + "\n"

@@ -18,7 +18,8 @@ from typing import Optional
 from lamm_ds.experiments.pretrain_finetune.config import (REPO_ROOT, ExperimentConfig, ExperimentError,
                                                           _experiment_yaml, _main_only, _path)
 from lamm_ds.experiments.pretrain_finetune.plan import RunSpec, plan_runs, prepare_data
-from lamm_ds.experiments.pretrain_finetune.report import collect, headline, plot_curves, report_markdown
+from lamm_ds.experiments.pretrain_finetune.plots import plot_curves
+from lamm_ds.experiments.pretrain_finetune.report import collect, headline, report_markdown
 
 RUN_RECORD = "experiment_run.json"
 # Launcher variables of an enclosing process group must not leak into the runs we start.
@@ -153,7 +154,8 @@ def run_experiment(cfg: ExperimentConfig, include_ablations: bool = True, progre
                    publish: Optional[tuple[Path, Path]] = None) -> dict:
     """Data, runs, collection, plots and report; returns the results (also ``<out_dir>/results.json``).
 
-    ``publish=(results_json, plot_dir)`` also copies the results and plots there (bench/results, docs).
+    ``publish=(results_json, plot_dir)`` also copies the report beside ``results_json`` and the plots
+    to ``plot_dir`` as ``<cfg.name>_<plot>.png`` (bench/results, docs/img).
     """
     t0 = time.perf_counter()
     if not include_ablations:
@@ -161,7 +163,7 @@ def run_experiment(cfg: ExperimentConfig, include_ablations: bool = True, progre
     out = _path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.yaml").write_text(_experiment_yaml(cfg))
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, progress=progress)
     runs = plan_runs(cfg, data)
     status = execute(runs, cfg, progress)
     res = collect(cfg, runs, status)
@@ -190,6 +192,6 @@ def run_experiment(cfg: ExperimentConfig, include_ablations: bool = True, progre
         results_json.parent.mkdir(parents=True, exist_ok=True)
         plot_dir.mkdir(parents=True, exist_ok=True)
         for p in plots:
-            shutil.copyfile(p, plot_dir / f"pretrain_finetune_{p.name}")
+            shutil.copyfile(p, plot_dir / f"{cfg.name}_{p.name}")
         shutil.copyfile(out / "report.md", results_json.with_suffix(".md"))
     return res
