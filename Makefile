@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lamm-ds-installed
 
-.PHONY: setup demo test experiment clean-demo ssh-test-tools
+.PHONY: setup demo test experiment lamm-mini corpus-deps clean-demo ssh-test-tools
 
 setup: $(STAMP)
 
@@ -15,6 +15,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+# The corpus extra (RDKit, tblite) and molsets' SMILES file, for lamm-ds make-corpus and its tests.
+CORPUS_STAMP := $(VENV)/.lamm-ds-corpus-installed
+corpus-deps: $(CORPUS_STAMP)
+
+$(CORPUS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e ".[dev,corpus]"
+	$(BIN)/pip install --quiet --no-deps molsets
+	touch $(CORPUS_STAMP)
 
 # Ranks for the demo (CPU processes here; GPUs on a GPU machine). One OpenMP thread per rank by default.
 NPROC ?= 2
@@ -30,6 +39,10 @@ demo: $(STAMP)
 experiment: $(STAMP)
 	$(BIN)/python bench/pretrain_finetune.py
 
+# LaMM-mini (issue 13; docs/results.md): the corpus at scale small, then the seeded ablation.
+lamm-mini: $(CORPUS_STAMP)
+	$(BIN)/python bench/pretrain_finetune.py --config configs/experiments/lamm_mini.yaml
+
 # The multi-node tests start sshd "hosts" on loopback addresses and launch over pdsh (Debian's
 # openssh-server, pdsh). Installed when possible (root with apt-get); otherwise they skip, saying why.
 SSH_TEST_TOOLS := /usr/sbin/sshd /usr/bin/pdsh
@@ -41,7 +54,7 @@ ssh-test-tools:
 	  echo "ssh-test-tools: could not install openssh-server/pdsh; the multi-node ssh tests will skip"; \
 	fi
 
-test: $(STAMP) ssh-test-tools
+test: $(STAMP) $(CORPUS_STAMP) ssh-test-tools
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
 
 clean-demo:

@@ -95,6 +95,28 @@ def _cmd_make_demo(args) -> int:
     return 0
 
 
+def _cmd_make_corpus(args) -> int:
+    from lamm_ds.corpus import SCALES, make_corpus
+    from lamm_ds.corpus.build import CORPUS_RECORD
+
+    paths = make_corpus(args.out, scale=args.scale, seed=args.seed, workers=args.workers,
+                        progress=not args.quiet, subsets=args.subsets or None,
+                        max_reject_rate=args.max_reject_rate)
+    records = {n: json.loads((p / CORPUS_RECORD).read_text()) for n, p in paths.items()}
+    for name, r in records.items():
+        reasons = ", ".join(f"{k} {v}" for k, v in r["rejects_by_reason"].items()) or "none"
+        lc = r["label_counts"]
+        print(f"{name}: {r['ingested']} structures of {r['attempts']} attempts ({r['level_of_theory']}; energy "
+              f"{lc['energy']}, forces {lc['forces']}, stress {lc['stress']}, unlabelled {lc['unlabelled']}); "
+              f"rejected: {reasons}")
+    from lamm_ds.corpus import coverage_table
+
+    print(f"\nelement coverage (structures holding the element; scale {args.scale}: "
+          f"{sum(SCALES[args.scale].values())} attempts):")
+    print(coverage_table(records))
+    return 0
+
+
 def _run_training(config_files, overrides, run_dir, max_steps, quiet, resume=False, allow_config_change=False,
                   trust_pickle=False) -> int:
     """The training engine (lamm_ds/engine/ds_engine.py) in this process: one rank, the same loop,
@@ -298,6 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/demo")
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=_cmd_make_demo)
+
+    p = sub.add_parser("make-corpus", help="generate the LaMM-mini real-chemistry corpus (needs the corpus extra)")
+    p.add_argument("--out", required=True, help="corpus directory (one scale and seed per directory)")
+    p.add_argument("--scale", default="tiny", choices=["tiny", "small", "medium"],
+                   help="tiny: a minute or two on 2 cores (tests); small: the experiment; medium: a GPU box")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="worker processes (one thread each; 0: in this process)")
+    p.add_argument("--subsets", nargs="*", default=None, help="only these subsets (default: all)")
+    p.add_argument("--max-reject-rate", type=float, default=0.25,
+                   help="stop when more than this share of a subset's attempts is rejected")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_make_corpus)
 
     p = sub.add_parser("train", help="train from a config in this process (the engine of launch/pretrain.py, one rank)")
     p.add_argument("--config", action="append", default=[], help="YAML config (repeatable, merged in order)")
