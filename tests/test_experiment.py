@@ -236,7 +236,7 @@ def test_plan_with_pretrain_and_finetune_seeds_and_two_targets(tmp_path):
     # pre-training seeds: both the run's and the denoising noise's, after the variant's overrides
     p = by["pretrain_no_mean_sub_s1"]
     assert p.argv[-3:] == ["denoise.mean_subtraction=false", "seed=1", "denoise.seed=1"] and p.pretrain_seed == 1
-    assert any(a.startswith("data.corpus_dir=") and a.endswith("data/corpus") for a in p.argv)
+    assert any(a.startswith("data.corpus_dir=") and a.endswith("data/corpus_small") for a in p.argv)
     assert not any("demo_dir" in a for a in p.argv)
     only = json.loads(next(a for a in by["pretrain_unlabelled_only_s0"].argv if a.startswith("data.datasets="))
                       .split("=", 1)[1])
@@ -298,17 +298,24 @@ def test_paired_intervals_match_a_hand_computation():
     variant = {(0, 1): 0.10, (0, 2): 0.12, (1, 1): 0.11, (1, 2): 0.15}
     main = {(0, 1): 0.09, (0, 2): 0.10, (1, 1): 0.10, (1, 2): 0.12, (2, 1): 0.5}  # (2, 1): no partner
     d = paired_difference(variant, main, same_key)
-    diffs = [0.01, 0.02, 0.01, 0.03]
-    mean = sum(diffs) / 4
-    sd = (sum((x - mean) ** 2 for x in diffs) / 3) ** 0.5
-    half = 3.182446305284263 * sd / 2  # t(0.975, 3 degrees of freedom) * sd / sqrt(4)
-    assert d["n"] == 4 and d["mean"] == pytest.approx(0.0175) and d["sd"] == pytest.approx(sd)
+    # the unit is the pre-training seed: differences averaged over each seed's fine-tunes first
+    per_seed = [(0.01 + 0.02) / 2, (0.01 + 0.03) / 2]
+    mean = sum(per_seed) / 2
+    sd = (sum((x - mean) ** 2 for x in per_seed) / 1) ** 0.5
+    half = 12.706204736174707 * sd / 2 ** 0.5  # t(0.975, 1 degree of freedom) * sd / sqrt(2)
+    assert d["n"] == 2 and d["pairs"] == 4 and d["unit"] == "pre-training seeds"
+    assert d["mean"] == pytest.approx(0.0175) and d["sd"] == pytest.approx(sd)
     assert (d["low"], d["high"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
-    assert excludes_zero(d) is True
+    assert excludes_zero(d) is False
+    tight = paired_difference({**variant, (2, 1): 0.52, (2, 2): 0.6}, {**main, (2, 2): 0.57}, same_key)
+    assert tight["n"] == 3 and tight["low"] > 0 and excludes_zero(tight) is True
+    # one pre-training seed: the interval is over its fine-tuning seeds, and says so
+    ft = paired_difference({(0, 1): 0.10, (0, 2): 0.12, (0, 3): 0.11}, main, same_key)
+    assert ft["n"] == 2 and ft["unit"].startswith("fine-tuning seeds")
     # vs scratch: each (pretrain seed, fine-tuning seed) with the scratch run of that fine-tuning seed
     scratch = {(None, 1): 0.2, (None, 2): 0.3}
     s = paired_difference(variant, scratch, scratch_key)
-    assert s["n"] == 4 and s["mean"] == pytest.approx((-0.1 - 0.18 - 0.09 - 0.15) / 4)
+    assert s["n"] == 2 and s["pairs"] == 4 and s["mean"] == pytest.approx((-0.1 - 0.18 - 0.09 - 0.15) / 4)
     r = paired_ratio({(0, 1): 0.1, (0, 2): 0.4}, {(0, 1): 0.2, (0, 2): 0.2}, same_key)
     assert r["ratio"] == pytest.approx(1.0) and r["low"] < 1 < r["high"]
     one = paired_difference({(0, 1): 0.3}, {(0, 1): 0.1}, same_key)
@@ -345,7 +352,9 @@ def test_statistics_report_and_plots_from_collected_runs(tmp_path):
     res["ranking"] = ranking(res["stats"], targets)
     res["steps_summary"] = steps_summary(runs)
     m = res["stats"]["t"]["10"]["t_test"]["forces_mae"]
-    assert m["arms"]["main"]["n"] == 4 and m["vs_scratch"]["main"]["n"] == 4 and m["vs_main"]["knob"]["n"] == 2
+    assert m["arms"]["main"]["n"] == 4 and m["vs_scratch"]["main"]["pairs"] == 4
+    assert m["vs_scratch"]["main"]["n"] == 2 and m["vs_scratch"]["main"]["unit"] == "pre-training seeds"
+    assert m["vs_main"]["knob"]["n"] == 2 and m["vs_main"]["knob"]["unit"].startswith("fine-tuning seeds")
     assert m["vs_main"]["once"]["n"] == 1 and m["vs_main"]["once"]["low"] is None
     assert [r["variant"] for r in res["ranking"]["t"]["10"]["order"]] == ["main", "once", "knob", "scratch"]
     assert res["ranking"]["t"]["10"]["order"][0]["vs_scratch_excludes_zero"] is True
@@ -389,7 +398,7 @@ def test_corpus_mode_prepares_targets_without_demo_data(shared_data, tmp_path, m
     cfg = _lamm_mini(tmp_path, f"shared_data={shared_data}", f"corpus.dir={tmp_path}/corpus",
                      "targets.0.sizes=[4,8]", "targets.1.sizes=[6]", "targets.1.holdout=5")
     data = prepare_data(cfg, progress=True)
-    assert calls == [(tmp_path / "corpus", "small", 0, 1, True)]
+    assert calls == [(tmp_path / "corpus", "small", 0, 2, True)]
     assert data.demo_dir is None and not (tmp_path / "data/3bpa").exists() and not (tmp_path / "data/demo").exists()
     record = json.loads(data.subsets_file.read_text())["targets"]
     assert set(record["acac"]["subsets"]["4"]) < set(record["acac"]["subsets"]["8"])

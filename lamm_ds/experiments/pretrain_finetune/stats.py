@@ -3,10 +3,13 @@ ranking of the variants per target, and steps-to-reach summaries; their Markdown
 
 Every final error is keyed by ``(pretrain seed, fine-tuning seed)`` (scratch runs: ``(None, f)``).
 A variant is compared with the main one pair by pair on equal keys, and with scratch by pairing its
-run ``(s, f)`` with scratch run ``f``: the differences ``variant - reference`` (positive: the variant's
-error is larger) get a mean and a 95% Student-t interval over the pairs. With several pre-training
-seeds the same scratch run enters several pairs, so those pairs are not independent and that
-interval is optimistic. One pair gives a difference but no interval.
+run ``(s, f)`` with scratch run ``f``. The independent unit is the pre-training seed: the fine-tunes
+of one pre-trained model share it, so the differences ``variant - reference`` (positive: the
+variant's error is larger) are first averaged over the fine-tuning seeds of each pre-training seed,
+and the 95% Student-t interval is taken over the pre-training seeds. With a single pre-training
+seed (the older experiment, or a one-seed knob) the interval is over the fine-tuning seeds and says
+so: it then leaves pre-training noise out. Against scratch, one scratch run enters the pairs of
+every pre-training seed, so that interval is somewhat optimistic. One unit gives no interval.
 """
 
 from __future__ import annotations
@@ -45,20 +48,38 @@ def arm(values: dict[Key, float]) -> dict:
             "sd": float(x.std(ddof=1)) if len(x) > 1 else None}
 
 
-def _pairs(a: dict[Key, float], b: dict[Key, float], pair: Callable[[Key], Key]) -> list[tuple[float, float]]:
-    return [(a[k], b[pair(k)]) for k in sorted(a, key=str) if pair(k) in b]
+def _pairs(a: dict[Key, float], b: dict[Key, float], pair: Callable[[Key], Key]) -> list[tuple[Key, float, float]]:
+    return [(k, a[k], b[pair(k)]) for k in sorted(a, key=str) if pair(k) in b]
+
+
+def _by_pretrain_seed(values: list[tuple[Key, float]]) -> tuple[list[float], str]:
+    """The values to take an interval over, and their unit: means per pre-training seed when there
+    are several, else the values themselves (over fine-tuning seeds)."""
+    groups: dict = {}
+    for k, v in values:
+        groups.setdefault(k[0], []).append(v)
+    if len(groups) > 1:
+        return [float(np.mean(g)) for g in groups.values()], "pre-training seeds"
+    return [v for _, v in values], "fine-tuning seeds (one pre-training seed)"
 
 
 def paired_difference(a: dict[Key, float], b: dict[Key, float], pair: Callable[[Key], Key]) -> dict:
-    """``a[k] - b[pair(k)]`` over the keys both have: :func:`t_interval` of the differences."""
-    return t_interval([x - y for x, y in _pairs(a, b, pair)])
+    """``a[k] - b[pair(k)]`` over the keys both have, averaged per pre-training seed: :func:`t_interval`
+    of those, with ``unit`` and ``pairs`` (runs paired)."""
+    pairs = _pairs(a, b, pair)
+    values, unit = _by_pretrain_seed([(k, x - y) for k, x, y in pairs])
+    return {**t_interval(values), "unit": unit, "pairs": len(pairs)}
 
 
 def paired_ratio(a: dict[Key, float], b: dict[Key, float], pair: Callable[[Key], Key]) -> dict:
-    """Geometric mean of ``a[k] / b[pair(k)]`` with the interval exponentiated from the log ratios."""
-    logs = t_interval([math.log(x / y) for x, y in _pairs(a, b, pair) if x > 0 and y > 0])
+    """Geometric mean of ``a[k] / b[pair(k)]`` (log ratios averaged per pre-training seed), with the
+    interval exponentiated from the log scale."""
+    pairs = [(k, math.log(x / y)) for k, x, y in _pairs(a, b, pair) if x > 0 and y > 0]
+    values, unit = _by_pretrain_seed(pairs)
+    logs = t_interval(values)
     exp = (lambda v: None if v is None else math.exp(v))
-    return {"n": logs["n"], "ratio": exp(logs["mean"]), "low": exp(logs["low"]), "high": exp(logs["high"])}
+    return {"n": logs["n"], "ratio": exp(logs["mean"]), "low": exp(logs["low"]), "high": exp(logs["high"]),
+            "unit": unit}
 
 
 def same_key(k: Key) -> Key:
@@ -177,16 +198,19 @@ def _diff(d: Optional[dict], digits: int) -> str:
     if d["low"] is None:
         return f"{1000 * d['mean']:+.{digits}f} (n={d['n']}, no interval)"
     star = " *" if excludes_zero(d) else ""
+    unit = "" if d.get("unit", "").startswith("pre-training") else ", FT seeds"
     return f"{1000 * d['mean']:+.{digits}f} [{1000 * d['low']:+.{digits}f}, {1000 * d['high']:+.{digits}f}] " \
-           f"(n={d['n']}){star}"
+           f"(n={d['n']}{unit}){star}"
 
 
 def comparison_tables(res: dict, main: str) -> list[str]:
     """One table per target, size and test set: each arm's mean ± sd and its paired differences."""
     lines = ["### Over the seeds: paired differences (95% Student-t intervals)", "",
              "Final errors on the full test sets, mean ± sd (runs) per arm; Δ = arm − reference over paired "
-             "runs (vs main: same pre-training and fine-tuning seed; vs scratch: same fine-tuning seed), mean "
-             "[95% interval] (pairs); * the interval excludes zero. F: force MAE (meV/Å), E: energy MAE (meV/atom)."]
+             "runs (vs main: same pre-training and fine-tuning seed; vs scratch: same fine-tuning seed), averaged "
+             "over the fine-tuning seeds of each pre-training seed, mean [95% interval] (n pre-training seeds; "
+             "'FT seeds': one pre-training seed, the interval is over fine-tuning seeds only); * the interval "
+             "excludes zero. F: force MAE (meV/Å), E: energy MAE (meV/atom)."]
     for target, by_size in res.get("stats", {}).items():
         for size, by_set in by_size.items():
             for set_name, m in by_set.items():
