@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=64, help="steps to plan")
     p.add_argument("--out", default="plan_report.png")
     p.add_argument("--strategies", nargs="+", default=None,
-                   help="default: fixed atoms and schedule.strategy (balanced unless budget)")
+                   help="default: fixed atoms and schedule.strategy (balanced if that is fixed or atoms)")
     p.add_argument("--run-dir", default=None, help="take the cost model from <run-dir>/cost_model.json")
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=16")

@@ -15,7 +15,7 @@ import torch
 from lamm_ds.engine.data import plan_step
 from lamm_ds.mixture import MixtureStream
 from lamm_ds.scheduler import (Caps, CostModel, ScheduleError, StepScheduler, builtin_cost_model, fit_cost_model,
-                               plan_balanced, plan_budget, split_atoms)
+                               next_fit_starts, plan_balanced, plan_budget, plan_max_atoms, split_atoms)
 from lamm_ds.scheduler.cost import nnls
 from lamm_ds.scheduler.partition import slot_loads
 
@@ -91,16 +91,17 @@ def test_cost_model_roundtrip_and_builtin(tmp_path):
 # plans
 
 
-@pytest.mark.parametrize("strategy", ["fixed", "atoms", "balanced", "budget"])
+@pytest.mark.parametrize("strategy", ["fixed", "atoms", "balanced", "budget", "max_atoms", "balanced_cp"])
 def test_every_draw_of_the_stream_is_used_exactly_once(mixture, strategy):
-    sched = _scheduler(mixture, strategy, ranks=8, batch=16, window=4)
+    cp = strategy == "balanced_cp"
+    sched = _scheduler(mixture, "balanced" if cp else strategy, ranks=8, batch=16, window=4, composition_preserving=cp)
     L = sched.epoch_length
     steps = 4 * (L // (16 * 4) + 2)  # past the end of epoch 0: windows straddle the boundary
     seen = []
     for s in range(steps):
         p = sched.plan(s)
         assert p.counts.min() >= 1, f"step {s}: an empty rank"  # no empty micro-batch, by construction
-        if strategy != "budget":
+        if strategy not in ("budget", "max_atoms"):
             assert len(p.positions) == 16  # constant global batch
         seen.append(p.positions)
         # (dataset, index) are the stream's draws at those positions
@@ -127,7 +128,7 @@ def test_fixed_strategy_is_todays_split(mixture):
             np.testing.assert_array_equal(i, idx[r::3])
 
 
-@pytest.mark.parametrize("strategy", ["balanced", "budget", "atoms"])
+@pytest.mark.parametrize("strategy", ["balanced", "budget", "atoms", "max_atoms"])
 def test_plans_are_deterministic_and_resumable(mixture, strategy):
     a = _scheduler(mixture, strategy, window=4)
     sequential = [a.plan(s) for s in range(12)]
@@ -215,6 +216,137 @@ def test_budget_and_balanced_are_exact_partitions_of_the_window():
         assert len(slots) == 60
     bal = plan_balanced(cost, atoms, edges, 3, 4, 20)
     assert np.bincount(bal.step).tolist() == [20, 20, 20]
+
+
+# --------------------------------------------------------------------------------------------------
+# max_atoms (greedy atom-budget packing, batches dealt in turn) and composition-preserving balanced
+
+
+def test_max_atoms_packs_the_stream_greedily_under_the_smallest_sufficient_budget():
+    atoms = np.array([4, 4, 1, 1, 1, 1, 9, 2, 2])
+    edges = atoms * 10
+    # budget 7 needs 5 batches ([4] [4 1 1 1] [1] [9] [2 2]); 8 gives exactly 4: [4 4] [1 1 1 1] [9] [2 2]
+    assert next_fit_starts(atoms.tolist(), 7) == [0, 1, 5, 6, 7]
+    p = plan_max_atoms(atoms, edges, steps=2, ranks=2)
+    assert p.step.tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1]  # batches dealt in turn: slot j = (j // 2, j % 2)
+    assert p.rank.tolist() == [0, 0, 1, 1, 1, 1, 0, 1, 1]
+    # the dealing order is a permutation of the slots: batch b goes to slot order[b]
+    q = plan_max_atoms(atoms, edges, steps=2, ranks=2, order=[3, 0, 2, 1])
+    assert (q.step * 2 + q.rank).tolist() == [3, 3, 0, 0, 0, 0, 2, 1, 1]
+    # a draw above the budget is a micro-batch of its own, never dropped
+    big = plan_max_atoms(np.array([1, 1, 50, 1, 1, 1]), np.ones(6), steps=1, ranks=3)
+    assert (big.step * 3 + big.rank).tolist() == [0, 0, 1, 2, 2, 2]
+
+
+def test_max_atoms_cuts_the_heaviest_batch_when_next_fit_skips_the_count():
+    # budget 5 gives 4 batches, 10 (the smallest below 4) gives 2 ([5 5] [5 5]): the first is cut
+    p = plan_max_atoms(np.array([5, 5, 5, 5]), np.ones(4), steps=1, ranks=3)
+    assert p.rank.tolist() == [0, 1, 2, 2]
+    with pytest.raises(ScheduleError, match="cannot give"):
+        plan_max_atoms(np.ones(5), np.ones(5), steps=2, ranks=3)
+    with pytest.raises(ScheduleError, match="max_atoms_per_rank"):
+        plan_max_atoms(np.full(8, 10), np.ones(8), steps=2, ranks=2, caps=Caps(atoms=15))
+    with pytest.raises(ValueError, match="permutation"):
+        plan_max_atoms(np.ones(4), np.ones(4), steps=1, ranks=2, order=[0, 0])
+
+
+def test_max_atoms_scheduler_properties(mixture):
+    """Each window: W draws in k*R non-empty contiguous batches of the stream, every multi-draw batch
+    within the window's budget; no rank balancing (the slowest rank is far from the mean)."""
+    stream, natoms, nedges = mixture
+    k, R, B = 4, 8, 16
+    sched = _scheduler(mixture, "max_atoms", ranks=R, batch=B, window=k)
+    again = _scheduler(mixture, "max_atoms", ranks=R, batch=B, window=k)
+    imbalance = []
+    for w in range(3):
+        plans = [sched.plan(w * k + j) for j in range(k)]
+        pos = np.concatenate([p.positions for p in plans])
+        np.testing.assert_array_equal(np.sort(pos), np.arange(w * k * B, (w + 1) * k * B))
+        assert sum(len(p.positions) for p in plans) == k * B and len({len(p.positions) for p in plans}) > 1
+        batches = []
+        for p in plans:
+            assert p.counts.min() >= 1
+            for r in range(R):
+                sel = np.sort(p.positions[p.rank == r])
+                assert (np.diff(sel) == 1).all(), "a micro-batch is a contiguous run of the stream"
+                batches.append((int(sel[0]), int(p.natoms[p.rank == r].sum()), int(sel.size)))
+            L = p.predicted
+            imbalance.append(L.max() / L.mean())
+        batches.sort()
+        budget = max(a for _, a, n in batches if n > 1)
+        # greedy: a batch closed because the next draw did not fit
+        for (s0, a0, n0), (s1, a1, n1) in zip(batches, batches[1:]):
+            first = int(np.concatenate([p.natoms[p.positions == s1] for p in plans])[0])
+            assert a0 + first > budget or n1 == 1 or n0 == 1, (s0, a0, first, budget)
+        for j in range(k):
+            np.testing.assert_array_equal(plans[j].rank, again.plan(w * k + j).rank)
+    assert np.mean(imbalance) > 1.3  # slabs/MOFs vs molecules: atom packing alone does not balance cost
+
+
+def test_composition_preserving_steps_keep_the_window_mix(mixture):
+    stream, natoms, nedges = mixture
+    k, R, B = 8, 16, 32  # 2 draws per rank: the regime where balanced groups similar sizes
+    cp = _scheduler(mixture, "balanced", ranks=R, batch=B, window=k, composition_preserving=True)
+    layered = _scheduler(mixture, "balanced", ranks=R, batch=B, window=k)
+    for sched, keeps_mix in ((cp, True), (layered, False)):
+        plans = [sched.plan(j) for j in range(k)]
+        window_ks = np.concatenate([p.ks for p in plans])
+        share = np.bincount(window_ks, minlength=3) / k  # per step, if every step had the window's mix
+        dev = max(np.abs(np.bincount(p.ks, minlength=3) - share).max() for p in plans)
+        atoms_per_step = [p.natoms.mean() for p in plans]
+        assert all(len(p.positions) == B and p.counts.min() >= 1 for p in plans)
+        if keeps_mix:
+            assert dev <= 1.0 + 1e-9  # each dataset's share, within one draw
+            assert np.std(atoms_per_step) / np.mean(atoms_per_step) < 0.1  # random steps of 32: ~0.15
+        else:
+            assert dev > 2 and np.std(atoms_per_step) / np.mean(atoms_per_step) > 0.3  # size-sorted steps
+    # the price: at 2 draws per rank a step cannot beat its largest draw (as per-step LPT cannot);
+    # its ranks are still balanced by cost, better than the fixed split, worse than size grouping
+    def time(sched):
+        return sched.loads(0, 4 * k).max(1).sum()
+
+    fixed, atoms = (_scheduler(mixture, s, ranks=R, batch=B) for s in ("fixed", "atoms"))
+    cp_long = _scheduler(mixture, "balanced", ranks=R, batch=B, window=k, composition_preserving=True)
+    layered_long = _scheduler(mixture, "balanced", ranks=R, batch=B, window=k)
+    assert time(layered_long) < time(cp_long) < time(fixed)
+    assert time(cp_long) < 1.1 * time(atoms)
+    with pytest.raises(ValueError, match="balanced' only"):
+        _scheduler(mixture, "budget", composition_preserving=True)
+
+
+def test_schedule_config_names_the_known_strategies():
+    from lamm_ds.engine.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="max_atoms") as err:
+        load_config([], ["schedule.strategy=max_atom"])
+    assert all(s in str(err.value) for s in ("fixed", "atoms", "balanced", "budget"))
+    assert load_config([], ["schedule.strategy=max_atoms"]).schedule.strategy == "max_atoms"
+    with pytest.raises(ConfigError, match="composition_preserving"):
+        load_config([], ["schedule.strategy=fixed", "schedule.composition_preserving=true"])
+    assert load_config([], ["schedule.strategy=balanced", "schedule.composition_preserving=true"]
+                       ).schedule.composition_preserving
+
+
+def test_engine_trains_with_max_atoms_and_composition_preserving_plans(demo_data, tmp_path):
+    """Short in-process runs (one process planning for 4 virtual ranks): the engine takes both new
+    plans; a max_atoms step holds a variable number of samples, each window exactly W."""
+    from lamm_ds.engine.config import load_config
+    from lamm_ds.engine.ds_engine import run
+
+    d = demo_data
+    data = (f"data.datasets=[{{name: demo_metals, path: {d['demo_metals']}}}, "
+            f"{{name: demo_molecules, path: {d['demo_molecules']}}}]")
+    common = [*TINY, data, "data.batch_size=8", "schedule.plan_ranks=4", "schedule.window_steps=2"]
+    for name, extra in (("max_atoms", ["schedule.strategy=max_atoms"]),
+                        ("cp", ["schedule.strategy=balanced", "schedule.composition_preserving=true"])):
+        cfg = load_config([], [*common, *extra, "max_steps=4"])
+        run(cfg, tmp_path / name, progress=False)
+        recs = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        samples = [round(r["samples_per_s"] * r["step_time_max"]) for r in recs]
+        assert len(recs) == 4 and np.isfinite([r["loss"] for r in recs]).all()
+        assert samples[0] + samples[1] == samples[2] + samples[3] == 16  # two windows of 2 steps x 8 draws
+        if name == "max_atoms":
+            assert len(set(samples)) > 1
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from lamm_ds.denoise import DenoiseConfig
 from lamm_ds.loss import LossConfig
 from lamm_ds.model.equiformer_v2 import EquiformerV2Config
 from lamm_ds.model.painn import PaiNNConfig
+from lamm_ds.scheduler.plan import STRATEGIES
 
 MODEL_KINDS = ("painn", "equiformer_v2")
 
@@ -82,25 +83,31 @@ class FaultConfig:
     inject_nan_steps: list[int] = field(default_factory=list)  # testing the fault path only
 
 
-SCHEDULE_STRATEGIES = ("fixed", "atoms", "balanced", "budget")
+SCHEDULE_STRATEGIES = STRATEGIES  # the scheduler's list: one place to add a strategy
 
 
 @dataclass
 class ScheduleConfig:
     """How each step's draws are split over the ranks (docs/load_balancing.md)."""
 
-    strategy: str = "fixed"             # "fixed" (d % world), "atoms" (LPT on atoms), "balanced", "budget"
-    window_steps: int = 32              # balanced/budget: steps planned together from one window of draws
-    max_atoms_per_rank: Optional[int] = None  # memory caps (balanced/budget); None = unlimited
+    strategy: str = "fixed"             # "fixed" (d % world), "atoms" (LPT on atoms), "balanced", "budget",
+                                        # "max_atoms" (greedy atom-budget packing, batches dealt in turn)
+    window_steps: int = 32              # balanced/budget/max_atoms: steps planned together from one window of draws
+    max_atoms_per_rank: Optional[int] = None  # memory caps (balanced/budget/max_atoms); None = unlimited
     max_edges_per_rank: Optional[int] = None  # in stored edges (the datasets' manifest cutoff)
     cost_model: str = "auto"            # "auto" (<run-dir>/cost_model.json, else built-in), "builtin:NAME", or a
                                         # JSON file from `lamm-ds calibrate`
     coefficients: list[float] = field(default_factory=list)  # [atoms, edges, graphs, const] seconds; overrides
     plan_ranks: Optional[int] = None    # plan for this many ranks (a multiple of the world size); default: world
+    composition_preserving: bool = False  # balanced only: steps keep the stream's mix (stratified dealing)
+                                          # instead of grouping similar-sized draws
 
     def __post_init__(self) -> None:
         if self.strategy not in SCHEDULE_STRATEGIES:
             raise ValueError(f"schedule.strategy must be one of {SCHEDULE_STRATEGIES}, got {self.strategy!r}")
+        if self.composition_preserving and self.strategy != "balanced":
+            raise ValueError("schedule.composition_preserving applies to strategy 'balanced' only, got "
+                             f"strategy={self.strategy!r}")
         if self.window_steps < 1:
             raise ValueError(f"schedule.window_steps must be >= 1, got {self.window_steps}")
         for name in ("max_atoms_per_rank", "max_edges_per_rank", "plan_ranks"):

@@ -74,9 +74,11 @@ def check_edge_basis(model: CostModel, datasets) -> None:
 def build_scheduler(cfg: RunConfig, datasets, stream: MixtureStream, ranks: int,
                     cost_model: CostModel | None, strategy: str | None = None) -> StepScheduler:
     sc = cfg.schedule
-    return StepScheduler(stream, cfg.data.batch_size, ranks, strategy or sc.strategy, cost_model,
+    strategy = strategy or sc.strategy
+    return StepScheduler(stream, cfg.data.batch_size, ranks, strategy, cost_model,
                          natoms=[d.natoms for d in datasets], nedges=[d.nedges for d in datasets],
-                         window_steps=sc.window_steps, caps=Caps(sc.max_atoms_per_rank, sc.max_edges_per_rank))
+                         window_steps=sc.window_steps, caps=Caps(sc.max_atoms_per_rank, sc.max_edges_per_rank),
+                         composition_preserving=sc.composition_preserving and strategy == "balanced")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,8 +253,8 @@ def draw_plan_report(loads: dict[str, np.ndarray], path: str | Path, title: str 
 
 def plan_report(cfg: RunConfig, ranks: int, steps: int, out: str | Path, strategies: list[str] | None = None,
                 run_dir: Path | None = None) -> dict:
-    strategies = strategies or ["fixed", "atoms", cfg.schedule.strategy if cfg.schedule.strategy in
-                                ("balanced", "budget") else "balanced"]
+    strategies = strategies or ["fixed", "atoms", cfg.schedule.strategy if cfg.schedule.strategy not in
+                                ("fixed", "atoms") else "balanced"]
     cost_model = resolve_cost_model(cfg, run_dir)
     loads = plan_loads(cfg, ranks, steps, list(dict.fromkeys(strategies)), cost_model)
     title = (f"{ranks} ranks, batch_size {cfg.data.batch_size} ({cfg.data.batch_size / ranks:g} per rank), "

@@ -3,10 +3,10 @@ that turns windows of the mixture stream into per-rank micro-batches (docs/load_
 
 from lamm_ds.scheduler.cost import CostModel, FitReport, fit_cost_model
 from lamm_ds.scheduler.defaults import BUILTIN, builtin_cost_model
-from lamm_ds.scheduler.partition import (Caps, ScheduleError, WindowPlan, plan_balanced, plan_budget, split_atoms,
-                                         split_fixed)
+from lamm_ds.scheduler.partition import (Caps, ScheduleError, WindowPlan, next_fit_starts, plan_balanced, plan_budget,
+                                         plan_max_atoms, split_atoms, split_fixed)
 from lamm_ds.scheduler.plan import STRATEGIES, StepPlan, StepScheduler, rank_slice
 
 __all__ = ["BUILTIN", "Caps", "CostModel", "FitReport", "STRATEGIES", "ScheduleError", "StepPlan", "StepScheduler",
-           "WindowPlan", "builtin_cost_model", "fit_cost_model", "plan_balanced", "plan_budget", "rank_slice",
-           "split_atoms", "split_fixed"]
+           "WindowPlan", "builtin_cost_model", "fit_cost_model", "next_fit_starts", "plan_balanced", "plan_budget",
+           "plan_max_atoms", "rank_slice", "split_atoms", "split_fixed"]

@@ -13,9 +13,15 @@ Strategies (see docs/load_balancing.md):
                      cost are cut into layers of ``k * ranks``; step ``s`` takes the ``s``-th chunk of
                      every layer (so expensive draws share a step), then LPT + pairwise-swap
                      refinement inside each step;
+  (``strata`` given: the composition-preserving variant deals the draws, sorted by stratum then
+                     cost, to the steps in turn, so every step keeps the window's mix);
 * ``plan_budget``    a window of ``k`` steps: its draws, in stream order, cut into ``k`` consecutive
                      runs of about equal total cost (a variable number of draws each), each run split
-                     over the ranks by LPT + refinement.
+                     over the ranks by LPT + refinement;
+* ``plan_max_atoms`` a window of ``k`` steps: its draws, in stream order, packed greedily into
+                     ``k * ranks`` micro-batches under one atom budget, dealt to the (step, rank) slots
+                     in turn, no balancing between ranks (the behaviour of fairchem 2.x's max-atoms
+                     batch sampler).
 """
 
 from __future__ import annotations
@@ -240,7 +246,7 @@ def _refine_iters(ranks: int, refine_iters: int | None) -> int:
 
 
 def plan_balanced(cost, atoms, edges, steps: int, ranks: int, per_step: int, caps: Caps | None = None,
-                  refine_iters: int | None = None) -> WindowPlan:
+                  refine_iters: int | None = None, strata=None) -> WindowPlan:
     """``steps * per_step`` draws into ``steps`` steps of exactly ``per_step`` draws each (every rank
     at least one), minimising the sum over steps of the largest rank cost.
 
@@ -250,6 +256,12 @@ def plan_balanced(cost, atoms, edges, steps: int, ranks: int, per_step: int, cap
     the most expensive draws share a step instead of each setting the pace of a different one, and
     within a step the spread of each layer is narrow, so LPT (each draw, largest first, to the
     lightest rank) followed by pairwise-swap refinement balances it tightly. Per-rank draw counts vary.
+
+    ``strata`` (one label per draw, e.g. its dataset): composition-preserving instead. Draws sorted
+    by (stratum, decreasing cost) are dealt to the steps in turn, alternating direction each round
+    (stratified dealing), so every step holds each stratum's share of the window (within one draw)
+    and a slice of every size range; the ranks of each step are then balanced by the same LPT +
+    refinement. The steps look like the stream, at the price of the look-ahead gain.
     """
     cost = np.asarray(cost, dtype=np.float64)
     atoms, edges = np.asarray(atoms, dtype=np.int64), np.asarray(edges, dtype=np.int64)
@@ -260,6 +272,9 @@ def plan_balanced(cost, atoms, edges, steps: int, ranks: int, per_step: int, cap
     if per_step < ranks:
         raise ScheduleError(f"{per_step} draws per step cannot give each of {ranks} ranks one")
     caps.check_items(atoms, edges)
+    if strata is not None:
+        comp = _stratified_composition(cost, np.asarray(strata, dtype=np.int64), steps)
+        return _to_plan(_balance_steps(comp, cost, atoms, edges, steps, ranks, caps, refine_iters), n, ranks)
     order = desc_order(cost)
     try:
         bins = _balanced_bins(order, cost, atoms, edges, steps, ranks, per_step, caps, refine_iters, snake=False)
@@ -270,6 +285,20 @@ def plan_balanced(cost, atoms, edges, steps: int, ranks: int, per_step: int, cap
         # direction (heavy with light) so each step's atoms/edges stay near the window mean
         bins = _balanced_bins(order, cost, atoms, edges, steps, ranks, per_step, caps, refine_iters, snake=True)
     return _to_plan(bins, n, ranks)
+
+
+def _stratified_composition(cost: np.ndarray, strata: np.ndarray, steps: int) -> list[list[int]]:
+    """Window indices of each step: sorted by (stratum, decreasing cost, index), dealt in snake order."""
+    n = len(cost)
+    if len(strata) != n:
+        raise ValueError(f"{len(strata)} strata labels for {n} draws")
+    order = np.lexsort((np.arange(n), -cost, strata))
+    rnd, pos = np.divmod(np.arange(n), steps)
+    target = np.where(rnd % 2 == 0, pos, steps - 1 - pos)  # alternate direction: totals stay level
+    comp: list[list[int]] = [[] for _ in range(steps)]
+    for s, i in zip(target.tolist(), order.tolist()):
+        comp[s].append(i)
+    return comp
 
 
 def _balanced_bins(order, cost, atoms, edges, steps, ranks, per_step, caps, refine_iters, snake) -> _Bins:
@@ -285,6 +314,11 @@ def _balanced_bins(order, cost, atoms, edges, steps, ranks, per_step, caps, refi
         for s in range(steps):
             t = steps - 1 - s if snake and full % 2 else s
             comp[t].extend(seg[s * rest:(s + 1) * rest].tolist())
+    return _balance_steps(comp, cost, atoms, edges, steps, ranks, caps, refine_iters)
+
+
+def _balance_steps(comp, cost, atoms, edges, steps, ranks, caps, refine_iters) -> _Bins:
+    """Each step's draws (``comp[s]``) over its ranks: LPT, then pairwise refinement."""
     bins = _Bins(steps * ranks)  # bin = s * ranks + r
     for s in range(steps):
         ids = np.arange(s * ranks, (s + 1) * ranks)
@@ -323,6 +357,92 @@ def plan_budget(cost, atoms, edges, steps: int, ranks: int, caps: Caps | None = 
         _lpt_into(bins, ids, items.tolist(), cost, atoms, edges, caps)
         _refine(bins, ids, cost, atoms, edges, caps, _refine_iters(ranks, refine_iters))
     return _to_plan(bins, n, ranks)
+
+
+def next_fit_starts(atoms, budget: int) -> list[int]:
+    """Start index of each batch when ``atoms`` (in order) are packed greedily: a draw joins the
+    open batch while the batch's atoms stay within ``budget``, else it opens a new batch. A draw
+    larger than the budget therefore forms a batch of its own."""
+    starts, run = [0], 0
+    for i, a in enumerate(atoms):
+        if run and run + a > budget:
+            starts.append(i)
+            run = a
+        else:
+            run += a
+    return starts
+
+
+def _next_fit_count(atoms: list[int], budget: int) -> int:
+    count, run = 1, 0
+    for a in atoms:
+        if run and run + a > budget:
+            count += 1
+            run = a
+        else:
+            run += a
+    return count
+
+
+def plan_max_atoms(atoms, edges, steps: int, ranks: int, caps: Caps | None = None,
+                   order=None) -> WindowPlan:
+    """A window's draws, in stream order, packed greedily into ``steps * ranks`` micro-batches under
+    one atom budget, dealt to the slots in turn; nothing balances the ranks of a step.
+
+    The budget is the smallest number of atoms for which greedy (next-fit) packing of the window
+    needs at most ``steps * ranks`` batches (the batch count of next-fit never grows with the
+    budget, so a bisection finds it). So a micro-batch holds ``per_step / ranks`` draws on average,
+    as in the other strategies, and every draw is used once: a draw above the budget is a batch of
+    its own (fairchem's sampler drops such samples; keeping them keeps the data the same for every
+    strategy). When the count at that budget falls short (next-fit counts can jump by more than
+    one), the batch with the most atoms is cut in two at its atom midpoint until the count is met.
+
+    Dealing: batch ``b`` (in stream order) fills slot ``order[b]`` (default ``b``): step
+    ``slot // ranks``, rank ``slot % ranks``, i.e. consecutive batches go to consecutive ranks.
+    """
+    atoms, edges = np.asarray(atoms, dtype=np.int64), np.asarray(edges, dtype=np.int64)
+    caps = caps or Caps()
+    n, nb = len(atoms), steps * ranks
+    if n < nb:
+        raise ScheduleError(f"{n} draws cannot give {steps} steps x {ranks} ranks one each")
+    caps.check_items(atoms, edges)
+    a_list = atoms.tolist()
+    lo, hi = 1, max(int(atoms.sum()), 1)
+    while lo < hi:  # smallest budget with at most nb batches
+        mid = (lo + hi) // 2
+        if _next_fit_count(a_list, mid) <= nb:
+            hi = mid
+        else:
+            lo = mid + 1
+    budget = lo
+    bounds = next_fit_starts(a_list, budget) + [n]
+    batches = [(bounds[j], bounds[j + 1]) for j in range(len(bounds) - 1)]
+    cum = np.concatenate([[0], np.cumsum(atoms)])
+    while len(batches) < nb:
+        # the heaviest batch of >= 2 draws (ties: the earliest), cut where its halves' atoms are closest
+        j = max((j for j, (a, b) in enumerate(batches) if b - a >= 2),
+                key=lambda j: (cum[batches[j][1]] - cum[batches[j][0]], -j))
+        a, b = batches[j]
+        half = (cum[a] + cum[b]) / 2
+        cut = int(np.clip(np.searchsorted(cum[a + 1:b], half), 0, b - a - 2)) + a + 1
+        if cut > a + 1 and abs(cum[cut - 1] - half) < abs(cum[cut] - half):
+            cut -= 1
+        batches[j:j + 1] = [(a, cut), (cut, b)]
+    if caps.active:
+        for a, b in batches:
+            if caps.atoms is not None and cum[b] - cum[a] > caps.atoms:
+                raise ScheduleError(f"max_atoms: a micro-batch needs {int(cum[b] - cum[a])} atoms (window budget "
+                                    f"{budget}), more than schedule.max_atoms_per_rank={caps.atoms}: raise the cap "
+                                    "or lower data.batch_size")
+            if caps.edges is not None and int(edges[a:b].sum()) > caps.edges:
+                raise ScheduleError(f"max_atoms: a micro-batch has {int(edges[a:b].sum())} stored edges, more than "
+                                    f"schedule.max_edges_per_rank={caps.edges}: raise the cap or lower data.batch_size")
+    slots = np.arange(nb, dtype=np.int64) if order is None else np.asarray(order, dtype=np.int64)
+    if sorted(slots.tolist()) != list(range(nb)):
+        raise ValueError(f"order must be a permutation of the {nb} slots")
+    lengths = np.array([b - a for a, b in batches], dtype=np.int64)
+    slot_of_draw = np.repeat(slots, lengths)
+    return WindowPlan(slot_of_draw // ranks, slot_of_draw % ranks)
 
 
 def _to_plan(bins: _Bins, n: int, ranks: int) -> WindowPlan:

@@ -8,6 +8,7 @@ any resumed run, recomputes the same plan from the stream's seed and the stored 
 with no communication, in O(W) memory.
 
 ``fixed`` and ``atoms`` plan one step at a time (``window_steps`` is ignored: W = batch_size).
+``balanced``, ``budget`` and ``max_atoms`` plan a window of ``window_steps`` steps at a time.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import numpy as np
 
 from lamm_ds.mixture import MixtureStream
 from lamm_ds.scheduler.cost import CostModel
-from lamm_ds.scheduler.partition import Caps, ScheduleError, plan_balanced, plan_budget, split_atoms, split_fixed
+from lamm_ds.scheduler.partition import (Caps, ScheduleError, plan_balanced, plan_budget, plan_max_atoms, split_atoms,
+                                         split_fixed)
 
-STRATEGIES = ("fixed", "atoms", "balanced", "budget")
-WINDOWED = ("balanced", "budget")
+STRATEGIES = ("fixed", "atoms", "balanced", "budget", "max_atoms")
+WINDOWED = ("balanced", "budget", "max_atoms")
+NEEDS_COST_MODEL = ("balanced", "budget")
 
 
 @dataclass
@@ -52,28 +55,34 @@ class StepScheduler:
     """Plans for ``ranks`` (virtual) ranks; see the module docstring.
 
     ``natoms`` / ``nedges``: per dataset of the stream, the stored per-sample counts (memory-mapped
-    arrays are fine: only the window's entries are read).
+    arrays are fine: only the window's entries are read). ``composition_preserving`` (``balanced``
+    only): steps keep the window's mix of datasets and sizes (stratified dealing) instead of
+    grouping similar-sized draws.
     """
 
     def __init__(self, stream: MixtureStream, batch_size: int, ranks: int, strategy: str = "fixed",
                  cost_model: CostModel | None = None, natoms: Sequence[np.ndarray] | None = None,
                  nedges: Sequence[np.ndarray] | None = None, window_steps: int = 8,
-                 caps: Caps | None = None, epoch_length: int | None = None, refine_iters: int | None = None):
+                 caps: Caps | None = None, epoch_length: int | None = None, refine_iters: int | None = None,
+                 composition_preserving: bool = False):
         if strategy not in STRATEGIES:
             raise ValueError(f"schedule.strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if composition_preserving and strategy != "balanced":
+            raise ValueError(f"schedule.composition_preserving applies to strategy 'balanced' only, not {strategy!r}")
         if batch_size < ranks:
             raise ScheduleError(f"data.batch_size={batch_size} is smaller than the {ranks} ranks")
         if window_steps < 1:
             raise ValueError("schedule.window_steps must be >= 1")
         if strategy != "fixed" and (natoms is None or nedges is None):
             raise ValueError(f"strategy {strategy!r} needs the stored natoms/nedges arrays")
-        if strategy in WINDOWED and cost_model is None:
+        if strategy in NEEDS_COST_MODEL and cost_model is None:
             raise ValueError(f"strategy {strategy!r} needs a cost model")
         self.stream, self.batch_size, self.ranks, self.strategy = stream, batch_size, ranks, strategy
         self.cost_model, self.natoms, self.nedges = cost_model, natoms, nedges
         self.window_steps = window_steps if strategy in WINDOWED else 1
         self.caps = caps or Caps()
         self.refine_iters = refine_iters
+        self.composition_preserving = composition_preserving
         self.epoch_length = len(stream.epoch(0)) if epoch_length is None else int(epoch_length)
         if self.epoch_length < 1:
             raise ValueError("the mixture stream has an empty epoch")
@@ -133,8 +142,15 @@ class StepScheduler:
             step = np.zeros(W, dtype=np.int64)
             rank = split_atoms(natoms, R)
         elif self.strategy == "balanced":
-            p = plan_balanced(cost, natoms, nedges, k, R, self.batch_size, self.caps, self.refine_iters)
+            p = plan_balanced(cost, natoms, nedges, k, R, self.batch_size, self.caps, self.refine_iters,
+                              strata=ks if self.composition_preserving else None)
             step, rank = self._shuffle(w, p.step, p.rank)
+        elif self.strategy == "max_atoms":
+            # batch order shuffled within the window (as the sampler it stands for shuffles its
+            # batches), then dealt in turn: consecutive batches to consecutive ranks
+            order = np.random.default_rng([self.stream.seed, 0x3A7A, w]).permutation(k * R)
+            p = plan_max_atoms(natoms, nedges, k, R, self.caps, order=order)
+            step, rank = p.step, p.rank
         else:
             p = plan_budget(cost, natoms, nedges, k, R, self.caps, self.refine_iters)
             step, rank = self._shuffle(w, p.step, p.rank)
@@ -191,4 +207,4 @@ def rank_slice(ranks: int, world: int, rank: int) -> range:
     return range(rank * per, (rank + 1) * per)
 
 
-__all__ = ["STRATEGIES", "StepPlan", "StepScheduler", "rank_slice"]
+__all__ = ["NEEDS_COST_MODEL", "STRATEGIES", "WINDOWED", "StepPlan", "StepScheduler", "rank_slice"]
