@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from lamm_ds.ingest.formats import FORMATS
 from lamm_ds.ingest.readers import EV_PER_A3
 
 
@@ -27,12 +28,19 @@ def _cmd_ingest(args) -> int:
         trust_pickle=args.trust_pickle,
         skip_invalid=args.skip_invalid,
         progress=not args.quiet,
+        format=args.format,
+        energy_kind=args.energy_kind,
+        split=args.split,
     )
     report = ingest(args.inputs, args.out, opts)
     lc = report.label_counts
     print(f"{report.path}: read {report.read}, wrote {report.written} (energy {lc['energy']}, forces "
           f"{lc['forces']}, stress {lc['stress']}, unlabelled {lc['unlabelled']}), dropped {report.dropped} "
           f"in {report.seconds:.1f} s")
+    for name, entry in report.manifest["ingest"].get("formats", {}).items():
+        energy = entry.get("energy")
+        kept = f"; energy: {energy['kind']} ({energy['source_key']}, from {energy['source_unit']})" if energy else ""
+        print(f"  format {name}: {entry['files']} file(s){kept}; level of theory: {report.manifest['level_of_theory']}")
     for reason, count in sorted(report.dropped_by_reason.items()):
         print(f"  dropped {count}: {reason} (see {report.path}/dropped.jsonl)")
     for note in report.notes:
@@ -277,11 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lamm-ds", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("ingest", help="convert structures (extxyz, ASE db, fairchem LMDB, ...) to a lamm-ds dataset")
+    p = sub.add_parser("ingest", help="convert structures (extxyz, ASE db, fairchem LMDB, the paper's "
+                                            "datasets' HDF5/SDF/JSON/LMDB files) to a lamm-ds dataset")
     p.add_argument("inputs", nargs="+", help="files, directories or globs")
     p.add_argument("--name", required=True, help="dataset name (selects its energy head in training)")
     p.add_argument("--out", required=True, help="output dataset directory")
-    p.add_argument("--level-of-theory", default="unknown", help="e.g. 'PBE+D3/def2-SVP'")
+    p.add_argument("--level-of-theory", default="unknown",
+                   help="e.g. 'PBE+D3/def2-SVP' (default: the format's own, e.g. Transition1x's wB97x/6-31G(d))")
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS],
+                   help="source format (default: from the file name and a look inside; docs/datasets.md)")
+    p.add_argument("--energy-kind", default=None,
+                   help="which energy to store where a format holds several: total / atomization (transition1x, "
+                        "qm7x), total / formation (spice), total / formation / gfn2 (qmugs), uncorrected / "
+                        "corrected (mptrj), adsorption / total (odac23); default: the first")
+    p.add_argument("--split", default=None, help="Transition1x split group (data, train, val, test; default: "
+                                                 "train + val + test)")
     p.add_argument("--energy-key", default=None, help="info key of the energy (default: 'energy' if present)")
     p.add_argument("--forces-key", default=None, help="per-atom array of forces (default: 'forces' if present)")
     p.add_argument("--stress-key", default=None, help="info key of the stress (default: 'stress' if present)")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lamm_ds.ingest.formats import FormatSpec, ReadContext, check_options, resolve
 from lamm_ds.ingest.readers import (IngestError, LabelKeys, expand_inputs, iter_source, missing_labels_error,
                                     unread_label_notes)
 from lamm_ds.neighbors import MIN_INTERATOMIC_DISTANCE, TooManyPairsError, radius_graph, shortest_distance
@@ -42,6 +43,9 @@ class IngestOptions:
     skip_invalid: bool = False
     progress: bool = True
     verify: bool = True
+    format: str = "auto"  # a lamm_ds.ingest.formats name, or auto: sniffed per file
+    energy_kind: str | None = None  # which energy a format holding several stores (None: its default)
+    split: str | None = None  # Transition1x: which split group (None: train + val + test)
 
 
 @dataclass
@@ -119,34 +123,57 @@ def _chunks(structures: Iterable[Structure], size: int) -> Iterator[list[Structu
 
 
 def _all_structures(files: list[Path], opts: IngestOptions, counter: list[int],
-                    notes: list[str] | None = None) -> Iterator[Structure]:
+                    notes: list[str] | None = None, specs: list[FormatSpec] | None = None) -> Iterator[Structure]:
     """Every input structure in order. A source file in which no structure has any label is an
     error (labels under keys we did not look for would otherwise ingest as 100% unlabelled),
     unless --unlabelled or --allow-missing-labels says that is meant. A file with some labels but
     none of one kind, while a key named like that kind exists, adds a note (an energy-only set is
     legitimate; forces under a key we did not read are probably not)."""
     keys = opts.keys
+    specs = specs or [resolve(f, opts.format) for f in files]
+    ctx = ReadContext(keys=keys, energy_kind=opts.energy_kind, trust_pickle=opts.trust_pickle, split=opts.split,
+                      notes=notes if notes is not None else [])
     check = not (keys.unlabelled or keys.allow_missing)
 
-    def finish(source: str | None, kinds: set[str]) -> None:
-        if source is None:
+    def finish(source: str | None, kinds: set[str], spec: FormatSpec) -> None:
+        if source is None or spec.unlabelled:
             return
         if not kinds and check:
             raise missing_labels_error(Path(source), keys, opts.trust_pickle)
         if kinds and notes is not None and not keys.unlabelled:
             notes.extend(unread_label_notes(Path(source), kinds, opts.trust_pickle))
 
-    for f in files:
+    for f, spec in zip(files, specs):
         source, kinds = None, set()  # one input can hold several files (a fairchem LMDB folder)
-        for s in iter_source(f, keys, opts.trust_pickle):
+        for s in iter_source(f, keys, opts.trust_pickle, spec.name, ctx):
             if s.source != source:
-                finish(source, kinds)
+                finish(source, kinds, spec)
                 source, kinds = s.source, set()
             kinds.update(k for k, v in (("energy", s.energy), ("forces", s.forces), ("stress", s.stress))
                          if v is not None)
             counter[0] += 1
             yield s
-        finish(source, kinds)
+        finish(source, kinds, spec)
+
+
+def _format_record(specs: list[FormatSpec], files: list[Path], opts: IngestOptions) -> tuple[dict, str]:
+    """The manifest's ``ingest.formats`` (per format: files, the energy kept and its source unit) and the
+    level of theory: ``--level-of-theory`` if given, else the formats' own when they agree."""
+    record, levels = {}, set()
+    for spec, f in zip(specs, files):
+        kind, choice = spec.chosen(opts.energy_kind, opts.keys)
+        entry = record.setdefault(spec.name, {"files": 0})
+        entry["files"] += 1
+        if choice is not None:
+            entry["energy"] = {"kind": kind, "source_key": choice.key, "source_unit": choice.unit,
+                               "meaning": choice.meaning}
+            levels.add(choice.level)
+        else:
+            levels.add("unknown")
+    level = opts.level_of_theory
+    if level == "unknown" and len(levels) == 1:
+        level = levels.pop()
+    return record, level
 
 
 def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> IngestReport:
@@ -162,6 +189,10 @@ def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> In
         raise IngestError("no input files given")
     if out.exists() and not opts.force:
         raise IngestError(f"{out} already exists; pass --force to replace it")
+    specs = [resolve(f, opts.format) for f in files]  # sniffing and option checks fail before anything is written
+    for spec in specs:
+        check_options(spec, opts.keys, opts.energy_kind)
+    formats, level_of_theory = _format_record(specs, files, opts)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.ingest-{os.getpid()}"
@@ -173,7 +204,7 @@ def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> In
     pool = None
     try:
         notes: list[str] = []
-        chunks = _chunks(_all_structures(files, opts, read, notes), _CHUNK)
+        chunks = _chunks(_all_structures(files, opts, read, notes, specs), _CHUNK)
         args = (opts.max_atoms, opts.graph, opts.skip_invalid)
         if opts.workers > 1:
             pool = mp.get_context("spawn").Pool(opts.workers)
@@ -204,12 +235,14 @@ def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> In
                 fh.write(json.dumps(d, sort_keys=True) + "\n")
         manifest = writer.finalize({
             "name": opts.name,
-            "level_of_theory": opts.level_of_theory,
+            "level_of_theory": level_of_theory,
             "sources": [str(f) for f in files],
             "graph": asdict(opts.graph),
             "ingest": {"structures_read": read[0], "max_atoms": opts.max_atoms, "dropped": len(dropped),
                        "dropped_by_reason": by_reason,
-                       "label_keys": asdict(opts.keys)},
+                       "label_keys": asdict(opts.keys), "formats": formats,
+                       **({"split": opts.split} if opts.split else {}),
+                       **({"notes": notes} if notes else {})},
         })
         if opts.verify:
             check = LmdbDataset(tmp)

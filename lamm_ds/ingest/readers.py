@@ -627,11 +627,30 @@ def missing_labels_error(path: Path, keys: LabelKeys, trust_pickle: bool = False
                        "is meant to be unlabelled")
 
 
-def iter_source(path: Path, keys: LabelKeys, trust_pickle: bool = False) -> Iterator[Structure]:
-    """Structures of one input, in file order."""
-    kind = source_kind(path)
-    if kind == "fairchem-lmdb":
-        return iter_fairchem_lmdb(path, trust_pickle, keys)
-    if kind == "ase-db":
-        return iter_ase_db(path, keys)
-    return iter_ase(path, keys)
+def iter_ase_source(path: Path, ctx, spec) -> Iterator[Structure]:
+    """``--format ase`` (the reader signature of lamm_ds.ingest.formats)."""
+    return iter_ase(path, ctx.keys)
+
+
+def iter_ase_db_source(path: Path, ctx, spec) -> Iterator[Structure]:
+    """``--format ase-db``."""
+    return iter_ase_db(path, ctx.keys)
+
+
+def iter_fairchem_preset(path: Path, ctx, spec) -> Iterator[Structure]:
+    """``--format fairchem-lmdb`` (labels under --energy-key etc.) and the dataset presets oc20 / oc22 /
+    odac23, whose energy attribute is fixed by ``--energy-kind`` (``y``, or ODAC23's ``raw_y``)."""
+    keys = ctx.keys
+    kind, choice = spec.energy(ctx.energy_kind)
+    if choice is not None:
+        keys = LabelKeys(energy=choice.key, allow_missing=keys.allow_missing, unlabelled=keys.unlabelled)
+    return iter_fairchem_lmdb(path, ctx.trust_pickle, keys)
+
+
+def iter_source(path: Path, keys: LabelKeys, trust_pickle: bool = False, fmt: str | None = None,
+                ctx=None) -> Iterator[Structure]:
+    """Structures of one input, in file order; ``fmt`` is a --format name (None: sniffed)."""
+    from lamm_ds.ingest.formats import ReadContext, iter_format, resolve
+
+    ctx = ctx or ReadContext(keys=keys, trust_pickle=trust_pickle)
+    return iter_format(path, resolve(path, fmt), ctx)
