@@ -16,12 +16,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# The corpus extra (RDKit, tblite) and molsets' SMILES file, for lamm-ds make-corpus and its tests.
+# The corpus extra (RDKit, tblite) and molsets' SMILES file, for lamm-ds make-corpus and its tests;
+# the hdf5 / sdf / aselmdb extras for the dataset-format readers of lamm-ds ingest and theirs.
 CORPUS_STAMP := $(VENV)/.lamm-ds-corpus-installed
 corpus-deps: $(CORPUS_STAMP)
 
 $(CORPUS_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/pip install --quiet -e ".[dev,corpus]"
+	$(BIN)/pip install --quiet -e ".[dev,corpus,hdf5,sdf,aselmdb]"
 	$(BIN)/pip install --quiet --no-deps molsets
 	touch $(CORPUS_STAMP)
 
