@@ -202,6 +202,15 @@ def test_odac23_adsorption_or_total_energy(tmp_path, capsys):
     assert [s.energy for s in ds] == [-1500.0, -1501.0, -1502.0]
 
 
+def test_hdf5_sniffed_without_an_extension(tmp_path, capsys):
+    """QM7-X's archives decompress to bare names (1000, 2000, ...): the HDF5 signature is enough."""
+    pytest.importorskip("h5py")
+    src, expected = files.qm7x(tmp_path / "1000")
+    ds, out = _ingest(capsys, tmp_path, src)
+    list(_check(ds, expected))
+    assert "format qm7x" in out
+
+
 def test_explicit_level_of_theory_wins(tmp_path, capsys):
     pytest.importorskip("h5py")
     src, _ = files.qm7x(tmp_path / "1000.hdf5")

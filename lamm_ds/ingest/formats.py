@@ -98,8 +98,8 @@ FORMATS: dict[str, FormatSpec] = {spec.name: spec for spec in (
         "total": EnergyChoice("y", "eV", "total DFT energy (S2EF-Total)", "PBE+U (VASP, OC22)")}),
     FormatSpec("odac23", "ODAC23 S2EF LMDB (fairchem)", _FAIRCHEM, pickle=True, energies={
         "adsorption": EnergyChoice("y", "eV", "adsorption energy: DFT total minus the empty MOF and the "
-                                   "gas-phase adsorbate", "PBE-D3(BJ) (VASP, ODAC23)"),
-        "total": EnergyChoice("raw_y", "eV", "total DFT energy", "PBE-D3(BJ) (VASP, ODAC23)")}),
+                                   "gas-phase adsorbate", "PBE-D3 (VASP, ODAC23)"),
+        "total": EnergyChoice("raw_y", "eV", "total DFT energy", "PBE-D3 (VASP, ODAC23)")}),
     FormatSpec("transition1x", "Transition1x HDF5 (reaction paths)",
                "lamm_ds.ingest.hdf5_formats:iter_transition1x", energies={
                    "total": EnergyChoice("wB97x_6-31G(d).energy", "eV", "total DFT energy", _T1X),
@@ -154,6 +154,11 @@ def _json_head(path: Path, limit: int = 1 << 16) -> str:
         return fh.read(limit)
 
 
+def _is_hdf5(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(8) == b"\x89HDF\r\n\x1a\n"
+
+
 def _suffixes(path: Path) -> list[str]:
     s = [x.lower() for x in path.suffixes]
     return s[:-1] if s and s[-1] == ".gz" else s
@@ -168,7 +173,7 @@ def sniff(path: Path) -> str:
     ext = (_suffixes(path) or [""])[-1]
     if ext == ".aselmdb":
         return "aselmdb"
-    if ext in (".h5", ".hdf5", ".hdf"):
+    if ext in (".h5", ".hdf5", ".hdf") or _is_hdf5(path):  # QM7-X's files decompress to bare names (1000)
         from lamm_ds.ingest.hdf5_formats import sniff_hdf5
 
         return sniff_hdf5(path)
