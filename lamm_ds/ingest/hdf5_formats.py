@@ -166,7 +166,8 @@ def iter_ani1x(path: Path, ctx, spec) -> Iterator[Structure]:
     if skipped:
         ctx.notes.append(f"{path}: skipped {skipped} conformers without a {energy_key} value (NaN in the file)")
     if no_forces:
-        ctx.notes.append(f"{path}: {no_forces} conformers have no {forces_key} (NaN in the file): stored without forces")
+        ctx.notes.append(f"{path}: {no_forces} conformers have no {forces_key} (NaN in the file): "
+                         "stored without forces")
 
 
 # ------------------------------------------------------------------------------------------- SPICE

@@ -74,7 +74,8 @@ def test_hdf5_in_no_known_layout(tmp_path, capsys):
 def test_not_an_hdf5_file(tmp_path, capsys):
     pytest.importorskip("h5py")
     (tmp_path / "x.hdf5").write_text("not hdf5")
-    _fails(capsys, tmp_path, tmp_path / "x.hdf5", "--format", "qm7x", match=f"{tmp_path / 'x.hdf5'}: cannot open as HDF5")
+    _fails(capsys, tmp_path, tmp_path / "x.hdf5", "--format", "qm7x",
+           match=f"{tmp_path / 'x.hdf5'}: cannot open as HDF5")
 
 
 @pytest.mark.parametrize("member, match", [
@@ -92,7 +93,8 @@ def test_qm7x_dataset_where_a_group_belongs(tmp_path, capsys):
     pytest.importorskip("h5py")
     src, _ = files.qm7x(tmp_path / "1000.hdf5")
     _h5_edit(src, lambda f: f.create_dataset("3", data=[1.0]))
-    _fails(capsys, tmp_path, src, "--format", "qm7x", match="'/3' is a dataset where the QM7-X layout has a molecule group")
+    _fails(capsys, tmp_path, src, "--format", "qm7x",
+           match="'/3' is a dataset where the QM7-X layout has a molecule group")
 
 
 def test_ani1x_missing_coordinates_and_unknown_energy_key(tmp_path, capsys):
@@ -135,7 +137,7 @@ def test_pubchem3d_format_on_another_sdf(tmp_path, capsys):
 def test_unparsable_sdf_record(tmp_path, capsys):
     pytest.importorskip("rdkit")
     src, _ = files.pubchem3d(tmp_path / "c.sdf")
-    text = src and open(src).read()
+    text = open(src).read()
     head, rest = text.split("$$$$\n", 1)
     lines = rest.splitlines(keepends=True)
     lines[3] = "garbage counts line\n"
