@@ -20,7 +20,10 @@ Batches (real structures): ``--molecules`` acetylacetone molecules from
 Figures: atoms/s = atoms in the batch / median seconds per step over alternating rounds; peak
 memory = the highest net CPU memory one step allocates on top of what existed before it, from the
 allocation events of ``torch.profiler`` (``profile_memory=True``), measured in a separate pass.
-One intra-op thread by default (``--threads``).
+One intra-op thread by default (``--threads``). ``--device cuda``: the same on the GPU (timings
+device-synchronised; peak memory = ``torch.cuda.max_memory_allocated`` during one step over what was
+allocated before it). Without the acac file (e.g. on a machine without ../shared) the molecules are
+ASE g2 molecules of 8+ atoms instead (recorded as ``molecules_source``).
 
 fairchem-core 1.x is an optional dependency (``pip install "fairchem-core<2" --no-deps``); its
 compiled ``torch_scatter`` import is replaced by ``torch_geometric``'s native scatter and its package
@@ -92,16 +95,30 @@ def fairchem_kwargs(cfg) -> dict:
                 drop_path_rate=cfg.drop_path_rate)
 
 
+def _molecules(n: int):
+    """(atoms list, source): acetylacetone frames, else g2 molecules of 8+ atoms."""
+    from ase.io import read
+
+    if ACAC.is_file():
+        return read(str(ACAC), index=f":{n}"), "acac train_300K.xyz"
+    from ase.build import molecule
+    from ase.collections import g2
+
+    names = sorted(nm for nm in g2.names if len(molecule(nm)) >= 8)
+    return [molecule(names[k % len(names)]) for k in range(n)], "ase g2 molecules (acac file not found)"
+
+
 def make_batch(n_mol: int, n_cells: int, cutoff: float, max_nb: int):
     from ase.build import bulk
-    from ase.io import read
 
     from lamm_ds.graphs import build_sample, collate
     from lamm_ds.structure import Structure
 
     structures = []
+    make_batch.source = None
     if n_mol:
-        for a in read(str(ACAC), index=f":{n_mol}"):
+        mols, make_batch.source = _molecules(n_mol)
+        for a in mols:
             structures.append(Structure(a.numbers, a.positions, energy=0.0, forces=np.zeros((len(a), 3))))
     for k in range(n_cells):
         sym, a0 = [("Cu", 3.61), ("Al", 4.05), ("Ni", 3.52), ("Ag", 4.09)][k % 4]
@@ -135,6 +152,18 @@ def train_step(model, b):
     loss.backward()
     for p in model.parameters():
         p.grad = None
+    if b.pos.is_cuda:
+        torch.cuda.synchronize(b.pos.device)
+
+
+def cuda_peak_bytes(fn, *args) -> int:
+    """Highest CUDA memory allocated during one call of ``fn`` over what was allocated before it."""
+    dev = args[-1].pos.device
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    fn(*args)
+    return torch.cuda.max_memory_allocated(dev) - base
 
 
 def main(argv=None) -> int:
@@ -144,6 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--cells", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--out", default=str(RESULTS / "eqv2_throughput.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -167,7 +197,9 @@ def main(argv=None) -> int:
                                  "heads": {"energy": {"module": "equiformer_v2_energy_head"},
                                            "forces": {"module": "equiformer_v2_force_head"}}}}}
     ours = convert_checkpoint(ckpt, "bench").train()
-    b = make_batch(args.molecules, args.cells, cfg.cutoff, cfg.max_neighbors)
+    dev = torch.device(args.device)
+    b = make_batch(args.molecules, args.cells, cfg.cutoff, cfg.max_neighbors).to(dev)
+    ours, ref = ours.to(dev), ref.to(dev)
     models = {"ours": ours, "fairchem": ref}
 
     for m in models.values():      # warm-up
@@ -176,7 +208,8 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         for k in rotated(list(models), r):  # two models: alternately first
             times[k].append(timed(train_step, models[k], b))
-    mem = {k: peak_bytes(train_step, m, b) for k, m in models.items()}
+    peak = cuda_peak_bytes if dev.type == "cuda" else peak_bytes
+    mem = {k: peak(train_step, m, b) for k, m in models.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "speedup": med["fairchem"] / med["ours"],
@@ -187,7 +220,7 @@ def main(argv=None) -> int:
         "ours_step_s": med["ours"], "fairchem_step_s": med["fairchem"],
         "ours_peak_mb": mem["ours"] / 2**20, "fairchem_peak_mb": mem["fairchem"] / 2**20,
         "params": count_parameters(ours), "threads": args.threads, "rounds": args.rounds,
-        "device": "cpu", "machine": machine(),
+        "device": str(dev), "molecules_source": make_batch.source, "machine": machine(),
     }
     print(f"{args.preset}: {b.num_atoms} atoms, {b.num_edges} edges; ours {result['ours_atoms_per_s']:.1f} atoms/s, "
           f"{result['ours_peak_mb']:.0f} MB; fairchem {result['fairchem_atoms_per_s']:.1f} atoms/s, "

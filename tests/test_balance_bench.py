@@ -1,0 +1,102 @@
+"""Pieces of the load-balancing benchmarks (bench/balance_replay.py, bench/balance_tta.py,
+bench/_mixture.py): the supercell labels of the heavy-tailed mixture are exact, the all-reduce
+model, curve interpolation, fit statistics, dataset subsets and model overrides."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import _mixture  # noqa: E402
+import _models  # noqa: E402
+import balance_replay  # noqa: E402
+import balance_tta  # noqa: E402
+
+
+def test_tiled_supercells_carry_exact_labels():
+    """A periodic repeat of a cell: EMT of the supercell equals the tiled labels of the cell."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    cell = bulk("Cu", "fcc", a=3.6, cubic=True) * (1, 1, 2)
+    cell.rattle(0.05, seed=3)
+    cell.calc = EMT()
+    cell.get_potential_energy()
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    labelled = cell.copy()
+    labelled.calc = SinglePointCalculator(labelled, energy=cell.get_potential_energy(), forces=cell.get_forces())
+    (big,) = _mixture.tile_frames([labelled], seed=0)
+    assert len(big) > len(cell) and len(big) % len(cell) == 0
+    assert len(big) <= _mixture.SUPERCELL_ATOMS[1]
+    ref = big.copy()
+    ref.calc = EMT()
+    assert big.get_potential_energy() == pytest.approx(ref.get_potential_energy(), rel=1e-9, abs=1e-9)
+    np.testing.assert_allclose(big.get_forces(), ref.get_forces(), atol=1e-9)
+
+
+def test_supercell_repeats_grow_the_shortest_side_within_the_target():
+    cell = np.diag([3.0, 6.0, 12.0])
+    reps = _mixture.supercell_repeats(cell, 10, target=85)
+    assert 10 * np.prod(reps) <= 85
+    assert reps == (4, 2, 1)  # lengths 12, 12, 12: compact
+    assert _mixture.supercell_repeats(cell, 200, target=100) == (1, 1, 1)  # never shrinks
+
+
+def test_copy_subset_keeps_records_and_counts(tmp_path, demo_data):
+    from lamm_ds.shards import LmdbDataset
+
+    src = LmdbDataset(demo_data["demo_metals"])
+    keep = [3, 0, 7]
+    out = _mixture.copy_subset(src, keep, tmp_path / "sub")
+    sub = LmdbDataset(out)
+    assert len(sub) == 3 and sub.manifest["graph"] == src.manifest["graph"]
+    np.testing.assert_array_equal(sub.natoms, np.asarray(src.natoms)[keep])
+    np.testing.assert_array_equal(sub.nedges, np.asarray(src.nedges)[keep])
+    for j, i in enumerate(keep):
+        assert sub.raw(j) == src.raw(i)
+    sub.verify()
+
+
+def test_ring_allreduce_model():
+    G = 4e6  # bytes
+    assert balance_replay.allreduce_seconds(G, 1, 25.0, 10.0) == 0.0
+    t = balance_replay.allreduce_seconds(G, 64, 25.0, 10.0)
+    assert t == pytest.approx(2 * 63 / 64 * G / 25e9 + 2 * 63 * 10e-6)
+    assert balance_replay.allreduce_seconds(G, 256, 25.0, 10.0) > t
+
+
+def test_fit_quality_and_strategy_labels():
+    q = balance_replay.fit_quality([1.0, 2.0, 4.0], [1.0, 2.0, 5.0])
+    assert q["worst_rel_err"] == pytest.approx(0.2) and q["n"] == 3 and q["r2"] < 1
+    assert balance_replay.fit_quality([1, 2], [1, 2])["r2"] == pytest.approx(1.0)
+    assert balance_replay.scheduler_args("balanced_cp") == ("balanced", True)
+    assert balance_replay.scheduler_args("max_atoms") == ("max_atoms", False)
+    assert balance_tta.schedule_overrides("balanced_cp") == ["schedule.strategy=balanced",
+                                                             "schedule.composition_preserving=true"]
+
+
+def test_samples_to_reach_interpolates_between_evaluations():
+    s = np.array([0.0, 100.0, 200.0, 300.0])
+    v = np.array([1.0, 0.6, 0.4, 0.3])
+    assert balance_tta.samples_to_reach(s, v, 0.5) == pytest.approx(150.0)
+    assert balance_tta.samples_to_reach(s, v, 0.3) == pytest.approx(300.0)
+    assert balance_tta.samples_to_reach(s, v, 0.2) is None
+    assert balance_tta.samples_to_reach(s, v, 2.0) == 0.0
+
+
+def test_eqv2_preset_overrides_build_the_preset():
+    from lamm_ds.engine.config import load_config
+    from lamm_ds.model.equiformer_v2 import EquiformerV2Config
+
+    cfg = load_config([], _models.model_overrides("eqv2-31m"))
+    assert cfg.model_kind == "equiformer_v2" and cfg.equiformer_v2 == EquiformerV2Config.preset("31M")
+    assert _models.model_overrides("painn") == []
+    with pytest.raises(ValueError, match="known: painn, eqv2-31m"):
+        _models.model_overrides("painn-xl")
+    with pytest.raises(ValueError, match="unknown mixture"):
+        _mixture.resolve_name("oc20")
