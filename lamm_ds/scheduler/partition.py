@@ -26,6 +26,7 @@ Strategies (see docs/load_balancing.md):
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from dataclasses import dataclass
 
@@ -417,17 +418,24 @@ def plan_max_atoms(atoms, edges, steps: int, ranks: int, caps: Caps | None = Non
     budget = lo
     bounds = next_fit_starts(a_list, budget) + [n]
     batches = [(bounds[j], bounds[j + 1]) for j in range(len(bounds) - 1)]
-    cum = np.concatenate([[0], np.cumsum(atoms)])
-    while len(batches) < nb:
-        # the heaviest batch of >= 2 draws (ties: the earliest), cut where its halves' atoms are closest
-        j = max((j for j, (a, b) in enumerate(batches) if b - a >= 2),
-                key=lambda j: (cum[batches[j][1]] - cum[batches[j][0]], -j))
-        a, b = batches[j]
-        half = (cum[a] + cum[b]) / 2
-        cut = int(np.clip(np.searchsorted(cum[a + 1:b], half), 0, b - a - 2)) + a + 1
-        if cut > a + 1 and abs(cum[cut - 1] - half) < abs(cum[cut] - half):
-            cut -= 1
-        batches[j:j + 1] = [(a, cut), (cut, b)]
+    cum = np.concatenate([[0], np.cumsum(atoms)]).tolist()
+    if len(batches) < nb:
+        # the heaviest batch of >= 2 draws (ties: the earliest) is cut where its halves' atoms are closest
+        heap = [(-(cum[b] - cum[a]), a, b) for a, b in batches if b - a >= 2]
+        heapq.heapify(heap)
+        done = [(a, b) for a, b in batches if b - a < 2]
+        for _ in range(nb - len(batches)):
+            _, a, b = heapq.heappop(heap)
+            half = (cum[a] + cum[b]) / 2
+            cut = min(max(bisect.bisect_left(cum, half, a + 1, b), a + 1), b - 1)
+            if cut > a + 1 and abs(cum[cut - 1] - half) <= abs(cum[cut] - half):
+                cut -= 1
+            for x, y in ((a, cut), (cut, b)):
+                if y - x >= 2:
+                    heapq.heappush(heap, (-(cum[y] - cum[x]), x, y))
+                else:
+                    done.append((x, y))
+        batches = sorted(done + [(a, b) for _, a, b in heap])
     if caps.active:
         for a, b in batches:
             if caps.atoms is not None and cum[b] - cum[a] > caps.atoms:
