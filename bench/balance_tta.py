@@ -53,6 +53,8 @@ from _models import CONFIG
 
 sys.path.insert(0, str(REPO))
 
+from lamm_ds.experiments.pretrain_finetune.run import _finished  # noqa: E402
+
 STRATEGIES = ("fixed", "balanced", "balanced_cp", "budget", "max_atoms")
 RUN_RECORD = "tta_run.json"
 
@@ -94,13 +96,7 @@ def plan_runs(args, overlay: Path, cost_model: str | None) -> list[Run]:
 
 # ------------------------------------------------------------------------------------ execution
 def finished(run: Run) -> bool:
-    rec = run.run_dir / RUN_RECORD
-    if not (rec.is_file() and (run.run_dir / "summary.json").is_file()):
-        return False
-    try:
-        return json.loads(rec.read_text()).get("argv") == run.argv
-    except json.JSONDecodeError:
-        return False
+    return _finished(run, RUN_RECORD)  # the experiment driver's reuse rule, with this bench's record
 
 
 def child_env(threads: int) -> dict:

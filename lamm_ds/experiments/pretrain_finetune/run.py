@@ -37,8 +37,9 @@ def _launcher(ranks: int) -> list[str]:
     return [found, "--num_gpus", str(ranks)]
 
 
-def _finished(spec: RunSpec) -> bool:
-    record = spec.run_dir / RUN_RECORD
+def _finished(spec: RunSpec, record_name: str = RUN_RECORD) -> bool:
+    """A run with its summary and a record of the same command (``spec`` needs ``run_dir`` and ``argv``)."""
+    record = spec.run_dir / record_name
     if not (record.is_file() and (spec.run_dir / "summary.json").is_file()):
         return False
     try:
