@@ -138,6 +138,31 @@ def _pairs_brute(positions, cell, pbc, cutoff, box=None):
 _PAIRS = {"vesin": _pairs_vesin, "matscipy": _pairs_matscipy, "brute": _pairs_brute}
 
 
+def _candidate_pairs(positions, cell, pbc, cutoff: float, backend: str):
+    """Inputs normalised, pairs from the backend with the exact cutoff applied: (positions, cell,
+    i, j, shifts, distances), or None for an empty structure."""
+    if backend not in _PAIRS:
+        raise ValueError(f"unknown neighbour-list backend {backend!r}; choose one of {BACKENDS}")
+    positions = np.ascontiguousarray(positions, dtype=np.float64)
+    cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    pbc = np.asarray(pbc, dtype=bool).reshape(3)
+    if len(positions) == 0:
+        return None
+    box = None
+    if pbc.any():  # built once here: the pair-count guard and the backend both need it
+        box = _box_for_library(cell, pbc, positions, float(cutoff))
+        _check_pair_count(positions, box, pbc, float(cutoff))
+    i, j, s = _PAIRS[backend](positions, cell, pbc, float(cutoff), box)
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    s = np.asarray(s, dtype=np.int64).reshape(-1, 3)
+    # Same operation order as AtomsBatch.edge_vectors: (x_j - x_i) + S @ cell, so images that are
+    # mathematically equidistant get bit-identical distances and the (j, shift) tie-break applies.
+    dist = np.linalg.norm((positions[j] - positions[i]) + s @ cell, axis=1)
+    inside = dist < cutoff
+    return positions, cell, i[inside], j[inside], s[inside], dist[inside]
+
+
 def radius_graph(
     positions: np.ndarray,
     cell: np.ndarray,
@@ -152,27 +177,11 @@ def radius_graph(
     Raises :class:`TooManyPairsError` for a periodic cell that would give more than
     :data:`MAX_PAIRS` pairs (a degenerate cell) instead of exhausting memory.
     """
-    if backend not in _PAIRS:
-        raise ValueError(f"unknown neighbour-list backend {backend!r}; choose one of {BACKENDS}")
-    positions = np.ascontiguousarray(positions, dtype=np.float64)
-    cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
-    pbc = np.asarray(pbc, dtype=bool).reshape(3)
-    if len(positions) == 0:
+    pairs = _candidate_pairs(positions, cell, pbc, cutoff, backend)
+    if pairs is None:
         empty = np.zeros(0, dtype=np.int64)
         return Graph(empty, empty, np.zeros((0, 3), dtype=np.int64))
-    box = None
-    if pbc.any():  # built once here: the pair-count guard and the backend both need it
-        box = _box_for_library(cell, pbc, positions, float(cutoff))
-        _check_pair_count(positions, box, pbc, float(cutoff))
-    i, j, s = _PAIRS[backend](positions, cell, pbc, float(cutoff), box)
-    i = np.asarray(i, dtype=np.int64)
-    j = np.asarray(j, dtype=np.int64)
-    s = np.asarray(s, dtype=np.int64).reshape(-1, 3)
-    # Same operation order as AtomsBatch.edge_vectors: (x_j - x_i) + S @ cell, so images that are
-    # mathematically equidistant get bit-identical distances and the (j, shift) tie-break applies.
-    dist = np.linalg.norm((positions[j] - positions[i]) + s @ cell, axis=1)
-    inside = dist < cutoff
-    i, j, s, dist = i[inside], j[inside], s[inside], dist[inside]
+    _, _, i, j, s, dist = pairs
     order = np.lexsort((s[:, 2], s[:, 1], s[:, 0], j, dist, i))
     i, j, s = i[order], j[order], s[order]
     if max_neighbors is not None and len(i):
@@ -218,3 +227,32 @@ def shortest_distance(positions: np.ndarray, cell: np.ndarray, graph: Graph) -> 
     k = int(np.argmin(dist))
     shift = tuple(int(x) for x in graph.shifts[k])
     return ShortestEdge(float(dist[k]), int(graph.i[k]), int(graph.j[k]), shift)
+
+
+class NeighborSummary(NamedTuple):
+    """What ingest stores and checks of a structure's graph: its edge count and its shortest edge."""
+
+    num_edges: int
+    shortest: ShortestEdge
+
+
+def neighbor_summary(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float,
+                     max_neighbors: int | None = None, backend: str = "vesin") -> NeighborSummary:
+    """``radius_graph(...).num_edges`` and ``shortest_distance`` of that graph, without building it.
+
+    The cap keeps ``min(degree, max_neighbors)`` edges per centre whatever the tie-break, so the count
+    needs no sort; ties of the shortest edge resolve as in the sorted graph (centre, neighbour, shift).
+    """
+    pairs = _candidate_pairs(positions, cell, pbc, cutoff, backend)
+    none = ShortestEdge(float("inf"), -1, -1, (0, 0, 0))
+    if pairs is None or (max_neighbors is not None and max_neighbors < 1):
+        return NeighborSummary(0, none)
+    positions, _, i, j, s, dist = pairs
+    if len(i) == 0:
+        return NeighborSummary(0, none)
+    degree = np.bincount(i, minlength=len(positions))
+    count = int(np.minimum(degree, max_neighbors).sum()) if max_neighbors is not None else len(i)
+    at_min = np.flatnonzero(dist == dist.min())
+    k = at_min[np.lexsort((s[at_min, 2], s[at_min, 1], s[at_min, 0], j[at_min], i[at_min]))[0]]
+    shortest = ShortestEdge(float(dist[k]), int(i[k]), int(j[k]), tuple(int(x) for x in s[k]))
+    return NeighborSummary(count, shortest)

@@ -3,7 +3,7 @@ import zlib
 import numpy as np
 import pytest
 
-from lamm_ds.neighbors import MAX_PAIRS, TooManyPairsError, radius_graph
+from lamm_ds.neighbors import MAX_PAIRS, TooManyPairsError, neighbor_summary, radius_graph, shortest_distance
 
 
 def _edges(g):
@@ -103,3 +103,19 @@ def test_dense_but_real_cells_pass_the_pair_guard():
     pos = rng.uniform(0, 1, size=(300, 3)) @ cell
     g = radius_graph(pos, cell, [True] * 3, 12.0)
     assert 0 < g.num_edges < MAX_PAIRS
+
+
+@pytest.mark.parametrize("case", ["periodic", "mixed", "nonperiodic"])
+def test_neighbor_summary_is_the_graphs_count_and_shortest_edge(case):
+    # ingest stores neighbor_summary's count as nedges; the scheduler's cost model and the loader's
+    # graphs must agree on it, so it has to equal the capped graph's size exactly
+    rng = np.random.default_rng(zlib.crc32(f"summary-{case}".encode()))
+    for _ in range(60):
+        pos, cell, pbc, cutoff = _random_system(rng, case)
+        if rng.random() < 0.3:  # exact ties: a duplicated image distance / symmetric positions
+            pos = np.round(pos * 2) / 2
+        for cap in (None, 0, 1, 4, 50):
+            g = radius_graph(pos, cell, pbc, cutoff, cap)
+            got = neighbor_summary(pos, cell, pbc, cutoff, cap)
+            assert got.num_edges == g.num_edges
+            assert got.shortest == shortest_distance(pos, cell, g)

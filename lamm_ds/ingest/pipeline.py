@@ -18,7 +18,7 @@ from tqdm import tqdm
 from lamm_ds.ingest.formats import FormatSpec, ReadContext, check_options, resolve
 from lamm_ds.ingest.readers import (IngestError, LabelKeys, expand_inputs, iter_source, missing_labels_error,
                                     unread_label_notes)
-from lamm_ds.neighbors import MIN_INTERATOMIC_DISTANCE, TooManyPairsError, radius_graph, shortest_distance
+from lamm_ds.neighbors import MIN_INTERATOMIC_DISTANCE, TooManyPairsError, neighbor_summary
 from lamm_ds.shards.dataset import LmdbDataset
 from lamm_ds.shards.format import DROPPED, DatasetWriter, GraphSettings
 from lamm_ds.structure import Structure, encode
@@ -87,15 +87,15 @@ def _process(chunk: list[Structure], max_atoms: int | None, graph: GraphSettings
         too_big = not problems and max_atoms is not None and s.natoms > max_atoms
         g, detail = None, ""
         if not problems and not too_big:
-            try:
-                g = radius_graph(s.positions, s.cell, s.pbc, graph.cutoff, graph.max_neighbors, graph.backend)
+            try:  # the edge count the scheduler needs, not the graph itself (no sort per structure)
+                g = neighbor_summary(s.positions, s.cell, s.pbc, graph.cutoff, graph.max_neighbors, graph.backend)
             except TooManyPairsError as exc:
                 # a generic reason, so the report's per-reason counts group these; numbers go in detail
                 problems.append("degenerate periodic cell (too many neighbour pairs)")
                 detail = f": {exc}"
         if g is not None:
-            # the graph holds every pair (and self-image) within the cutoff, so this sees periodic images
-            edge = shortest_distance(s.positions, s.cell, g)
+            # the pairs include every one (and self-image) within the cutoff, so this sees periodic images
+            edge = g.shortest
             if edge.distance < MIN_INTERATOMIC_DISTANCE:
                 problems.append(COINCIDENT)
                 detail = f": {_pair_text(s, edge)}"
