@@ -301,3 +301,51 @@ def test_cli_ingest_and_info_json(tmp_path, capsys):
     assert m["graph"]["cutoff"] == 6.0 and m["checksum"].startswith("sha256:")
     assert cli_main(["ingest", f, "--name", "cli", "--out", str(tmp_path / "ds"), "--quiet"]) == 2
     assert "pass --force" in capsys.readouterr().err
+
+
+def test_parallel_extxyz_ranges_give_the_serial_dataset(tmp_path, monkeypatch):
+    """With workers > 1 the workers parse byte ranges of extxyz files themselves; a mix of such files
+    and files read in the main process (a .traj) gives the same dataset, byte for byte."""
+    import lamm_ds.ingest.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_RANGE_FRAMES", 7)  # several ranges per file, a short last one
+    frames = _frames(60)
+    f1 = _write(tmp_path / "a.xyz", frames[:31])
+    traj = tmp_path / "b.traj"
+    ase.io.write(traj, frames[31:45])
+    f3 = _write(tmp_path / "c.extxyz", frames[45:])
+    with open(f3, "a") as fh:
+        fh.write("\n\n")  # trailing blank lines end a file, as for the serial reader
+    inputs = [f1, str(traj), f3]
+    r1 = ingest(inputs, tmp_path / "w1", _opts(workers=1))
+    r2 = ingest(inputs, tmp_path / "w2", _opts(workers=2))
+    assert r1.read == r2.read == 60 and r2.written == 60
+    m1, m2 = read_manifest(tmp_path / "w1"), read_manifest(tmp_path / "w2")
+    assert m1["checksum"] == m2["checksum"] and m1["manifest_checksum"] == m2["manifest_checksum"]
+    ds = LmdbDataset(tmp_path / "w2")
+    assert [(ds[k].source, ds[k].source_index) for k in (0, 30, 31, 45, 59)] == \
+        [(f1, 0), (f1, 30), (str(traj), 0), (f3, 0), (f3, 14)]
+
+
+def test_parallel_extxyz_errors_name_the_structure(tmp_path, monkeypatch):
+    import lamm_ds.ingest.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_RANGE_FRAMES", 4)
+    f = _write(tmp_path / "a.xyz", _frames(12))
+    lines = Path(f).read_text().splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.strip().isdigit()]
+    atom_line = starts[9] + 2  # first atom line of structure 9 (its third range)
+    lines[atom_line] = lines[atom_line].replace(lines[atom_line].split()[1], "1.0.0", 1)
+    Path(f).write_text("".join(lines))
+    messages = []
+    for w in (1, 2):
+        with pytest.raises(IngestError) as exc:
+            ingest([f], tmp_path / f"w{w}", _opts(workers=w))
+        messages.append(str(exc.value))
+        _assert_nothing_left(tmp_path, f"w{w}")
+    assert messages[0] == messages[1] and "structure 9 (line" in messages[1] and f in messages[1]
+    # and a file without labels is refused by the ranged path as by the serial one
+    bare = tmp_path / "bare.xyz"
+    ase.io.write(bare, [molecule("H2O"), molecule("CH4")], format="extxyz")
+    with pytest.raises(IngestError, match="no structure has an energy, forces or stress label"):
+        ingest([str(bare)], tmp_path / "bare", _opts(workers=2))

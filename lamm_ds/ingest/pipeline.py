@@ -18,6 +18,7 @@ from tqdm import tqdm
 from lamm_ds.ingest.formats import FormatSpec, ReadContext, check_options, resolve
 from lamm_ds.ingest.readers import (IngestError, LabelKeys, expand_inputs, iter_source, missing_labels_error,
                                     unread_label_notes)
+from lamm_ds.ingest.xyz_chunks import frame_ranges, read_range
 from lamm_ds.neighbors import MIN_INTERATOMIC_DISTANCE, TooManyPairsError, neighbor_summary
 from lamm_ds.shards.dataset import LmdbDataset
 from lamm_ds.shards.format import DROPPED, DatasetWriter, GraphSettings
@@ -25,6 +26,7 @@ from lamm_ds.structure import Structure, encode
 
 DEFAULT_MAX_ATOMS = 300
 _CHUNK = 64
+_RANGE_FRAMES = 256  # frames a worker parses per task (extxyz)
 # a generic reason, so that --skip-invalid's per-reason counts group these; the pair is in the detail
 COINCIDENT = f"coincident atoms (closer than {MIN_INTERATOMIC_DISTANCE:g} Å)"
 
@@ -133,15 +135,9 @@ def _all_structures(files: list[Path], opts: IngestOptions, counter: list[int],
     specs = specs or [resolve(f, opts.format) for f in files]
     ctx = ReadContext(keys=keys, energy_kind=opts.energy_kind, trust_pickle=opts.trust_pickle, split=opts.split,
                       notes=notes if notes is not None else [])
-    check = not (keys.unlabelled or keys.allow_missing)
 
     def finish(source: str | None, kinds: set[str], spec: FormatSpec) -> None:
-        if source is None or spec.unlabelled:
-            return
-        if not kinds and check:
-            raise missing_labels_error(Path(source), keys, opts.trust_pickle)
-        if kinds and notes is not None and not keys.unlabelled:
-            notes.extend(unread_label_notes(Path(source), kinds, opts.trust_pickle))
+        _check_labels(source, kinds, spec, opts, notes)
 
     for f, spec in zip(files, specs):
         source, kinds = None, set()  # one input can hold several files (a fairchem LMDB folder)
@@ -154,6 +150,39 @@ def _all_structures(files: list[Path], opts: IngestOptions, counter: list[int],
             counter[0] += 1
             yield s
         finish(source, kinds, spec)
+
+
+def _check_labels(source: str | None, kinds: set[str], spec: FormatSpec, opts: IngestOptions,
+                  notes: list[str] | None) -> None:
+    """After the last structure of ``source``: no label at all is an error unless meant; labels of
+    some kinds only add a note when a key named like a missing kind exists (see _all_structures)."""
+    keys = opts.keys
+    if source is None or spec.unlabelled:
+        return
+    if not kinds and not (keys.unlabelled or keys.allow_missing):
+        raise missing_labels_error(Path(source), keys, opts.trust_pickle)
+    if kinds and notes is not None and not keys.unlabelled:
+        notes.extend(unread_label_notes(Path(source), kinds, opts.trust_pickle))
+
+
+def _label_kinds(structures: list[Structure]) -> set[str]:
+    return {k for s in structures for k, v in (("energy", s.energy), ("forces", s.forces), ("stress", s.stress))
+            if v is not None}
+
+
+def _tasks(files: list[Path], specs: list[FormatSpec], opts: IngestOptions, counter: list[int],
+           notes: list[str]) -> Iterator[tuple]:
+    """Work for the pool, in output order: ``("range", FrameRange, is_last)`` for extxyz files the
+    workers parse themselves (lamm_ds.ingest.xyz_chunks), ``("chunk", structures)`` for the rest,
+    read here."""
+    for f, spec in zip(files, specs):
+        ranges = frame_ranges(f, _RANGE_FRAMES) if opts.workers > 1 and spec.name == "ase" else None
+        if ranges is None:
+            for chunk in _chunks(_all_structures([f], opts, counter, notes, [spec]), _CHUNK):
+                yield ("chunk", chunk)
+            continue
+        for k, r in enumerate(ranges):
+            yield ("range", r, k == len(ranges) - 1)
 
 
 def _format_record(specs: list[FormatSpec], files: list[Path], opts: IngestOptions) -> tuple[dict, str]:
@@ -204,16 +233,26 @@ def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> In
     pool = None
     try:
         notes: list[str] = []
-        chunks = _chunks(_all_structures(files, opts, read, notes, specs), _CHUNK)
         args = (opts.max_atoms, opts.graph, opts.skip_invalid)
         if opts.workers > 1:
             pool = mp.get_context("spawn").Pool(opts.workers)
-            results = pool.imap(_Worker(*args), chunks)  # imap keeps input order -> deterministic output
+            # imap keeps input order -> the same output as one worker
+            results = pool.imap(_Worker(*args, opts.keys), _tasks(files, specs, opts, read, notes))
         else:
-            results = (_process(c, *args) for c in chunks)
+            chunks = _chunks(_all_structures(files, opts, read, notes, specs), _CHUNK)
+            results = ((_process(c, *args), None) for c in chunks)
+        kinds: set[str] = set()
+        range_read = 0  # not read[0]: the pool's feeder thread counts the other files there
         with tqdm(desc=f"ingest {opts.name}", unit=" structures", disable=not opts.progress,
                   file=sys.stderr) as bar:
-            for result in results:
+            for result, parsed in results:
+                if parsed is not None:  # a frame range the worker read: count it, check labels per file
+                    source, n, range_kinds, last = parsed
+                    range_read += n
+                    kinds |= range_kinds
+                    if last:
+                        _check_labels(source, kinds, resolve(Path(source), opts.format), opts, notes)
+                        kinds = set()
                 for item in result:
                     if item[0] == "error":
                         raise IngestError(item[1])
@@ -222,6 +261,7 @@ def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> In
                     else:
                         writer.add(*item[1:])
                 bar.update(len(result))
+        read[0] += range_read
         if read[0] != writer.count + len(dropped):
             raise RuntimeError(f"ingest lost structures: read {read[0]}, wrote {writer.count}, "
                                f"dropped {len(dropped)}")
@@ -264,13 +304,19 @@ def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> In
 
 
 class _Worker:
-    """Picklable callable for the worker pool."""
+    """Picklable callable for the worker pool: (records, None) for a chunk of structures, (records,
+    (source, structures read, label kinds, last range of the file)) for a frame range it parses."""
 
-    def __init__(self, max_atoms, graph, skip_invalid):
+    def __init__(self, max_atoms, graph, skip_invalid, keys: LabelKeys):
         self.args = (max_atoms, graph, skip_invalid)
+        self.keys = keys
 
-    def __call__(self, chunk):
-        return _process(chunk, *self.args)
+    def __call__(self, task):
+        if task[0] == "chunk":
+            return _process(task[1], *self.args), None
+        _, r, last = task
+        structures = read_range(r, self.keys)
+        return _process(structures, *self.args), (r.path, len(structures), _label_kinds(structures), last)
 
 
 def _remove_stale_temporaries(out: Path) -> None:

@@ -116,6 +116,7 @@ class DatasetWriter:
         (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=False)
         (self.root / INDEX_DIR).mkdir()
         self._raw = {k: open(self.root / INDEX_DIR / f"{k}.raw", "wb") for k in INDEX_ARRAYS}
+        self._rows: dict[str, list] = {k: [] for k in INDEX_ARRAYS}  # index values not yet in the raw streams
         self._env: lmdb.Environment | None = None
         self._txn = None
         self._pending = 0
@@ -160,11 +161,15 @@ class DatasetWriter:
             self._pending = 0
         self._hash.update(struct.pack("<QQ", self.count, len(record)))
         self._hash.update(record)
-        values = {"natoms": len(numbers), "nedges": nedges, "has_energy": has_energy,
-                  "has_forces": has_forces, "has_stress": has_stress}
-        for name, dtype in INDEX_ARRAYS.items():
-            self._raw[name].write(np.asarray([values[name]], dtype=dtype).tobytes())
-        self.elements.update(int(z) for z in np.unique(numbers))
+        row = self._rows
+        row["natoms"].append(len(numbers))
+        row["nedges"].append(int(nedges))
+        row["has_energy"].append(bool(has_energy))
+        row["has_forces"].append(bool(has_forces))
+        row["has_stress"].append(bool(has_stress))
+        if len(row["natoms"]) >= 4096:
+            self._flush_rows()
+        self.elements.update(np.asarray(numbers).tolist())
         self.label_counts["energy"] += bool(has_energy)
         self.label_counts["forces"] += bool(has_forces)
         self.label_counts["stress"] += bool(has_stress)
@@ -172,9 +177,16 @@ class DatasetWriter:
         self.count += 1
         return self.count - 1
 
+    def _flush_rows(self) -> None:
+        """Append the buffered index values to the raw streams (memory stays bounded)."""
+        for name, dtype in INDEX_ARRAYS.items():
+            self._raw[name].write(np.asarray(self._rows[name], dtype=dtype).tobytes())
+            self._rows[name].clear()
+
     def finalize(self, manifest_fields: dict) -> dict:
         """Close shards, turn raw index streams into .npy files, write the manifest last."""
         self._close_shard()
+        self._flush_rows()
         for name, dtype in INDEX_ARRAYS.items():
             self._raw[name].close()
             raw_path = self.root / INDEX_DIR / f"{name}.raw"
