@@ -78,3 +78,20 @@ def test_batch_select_roundtrip(demo_data):
     ref = collate([samples[3], samples[1]])
     for name in ("pos", "z", "batch", "edge_index", "shifts", "forces", "natoms"):
         assert torch.equal(getattr(part, name), getattr(ref, name)), name
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 22])
+def test_labelled_sample_is_the_whole_array_draw_in_chunks(chunk):
+    """fit_stats picks the same structures as drawing from all labelled indices at once (what it did
+    before it worked in chunks), whatever the chunk size; fewer labelled than asked: all of them."""
+    from lamm_ds.engine.data import labelled_sample
+
+    rng = np.random.default_rng(3)
+    for n, p in ((500, 0.3), (500, 0.0), (1000, 0.9), (37, 1.0)):
+        he, hf = rng.random(n) < p, rng.random(n) < p / 2
+        labelled = np.flatnonzero(he | hf)
+        for samples, seed in ((10, 0), (100, 4), (len(labelled), 1), (len(labelled) + 5, 2)):
+            got = labelled_sample(he, hf, samples, seed, chunk=chunk)
+            want = labelled if len(labelled) <= samples else \
+                np.sort(np.random.default_rng(seed).choice(labelled, samples, replace=False))
+            np.testing.assert_array_equal(got, want)
