@@ -22,7 +22,9 @@ REPO = HERE.parent
 RESULTS = HERE / "results"
 DATA = Path(os.environ.get("LAMM_DS_SHARED_DATA", REPO.parent / "shared" / "data"))
 # Launcher variables of an enclosing job that the benchmark's own torchrun children must not inherit.
-LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from lamm_ds.engine.launcher_env import LAUNCHER_ENV  # noqa: E402,F401  (one list for the driver and benchmarks)
 
 
 # ------------------------------------------------------------------------------------ the machine

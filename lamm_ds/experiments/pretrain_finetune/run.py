@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from lamm_ds.engine.launcher_env import LAUNCHER_ENV
 from lamm_ds.experiments.pretrain_finetune.config import (REPO_ROOT, ExperimentConfig, ExperimentError,
                                                           _experiment_yaml, _main_only, _path)
 from lamm_ds.experiments.pretrain_finetune.plan import RunSpec, plan_runs, prepare_data
@@ -23,8 +24,6 @@ from lamm_ds.experiments.pretrain_finetune.report import collect, headline, repo
 
 RUN_RECORD = "experiment_run.json"
 # Launcher variables of an enclosing process group must not leak into the runs we start.
-_LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 
 def _launcher(ranks: int) -> list[str]:
@@ -49,7 +48,7 @@ def _finished(spec: RunSpec, record_name: str = RUN_RECORD) -> bool:
 
 
 def _child_env(threads: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     return env
