@@ -188,7 +188,7 @@ def _cmd_evaluate(args) -> int:
     results = {}
     for key, (source, name, structures, head) in zip(keys, inputs):
         res = evaluate(model, structures, head=head, batch_size=args.batch_size, return_predictions=True,
-                       allow_unseen_elements=args.allow_unseen_elements, source=str(source))
+                       allow_unseen_elements=args.allow_unseen_elements, source=str(source), check_finite=True)
         preds = res.pop("predictions")
         res["head"] = head
         res["source"] = str(source)
@@ -210,6 +210,36 @@ def _cmd_evaluate(args) -> int:
                   f"RMSE {r['energy_rmse'] * 1000:.2f} meV; force MAE {r['forces_mae'] * 1000:.2f} meV/Å, "
                   f"RMSE {r['forces_rmse'] * 1000:.2f} meV/Å" + (f"; plot {r['parity_plot']}" if "parity_plot" in r else "")
                   + (f"; NOT TRAINED ON {format_elements(r['unseen_elements'])}" if "unseen_elements" in r else ""))
+            if "by_config_type" in r:
+                print(_config_type_table(r["by_config_type"]))
+    return 0
+
+
+def _config_type_table(by_type: dict) -> str:
+    """Per-config_type errors as an aligned text table (meV, meV/atom, meV/Å)."""
+    def ms(x):
+        return "-" if x != x else f"{x * 1000:.2f}"  # NaN: no label of that kind
+
+    head = ("config_type", "structures", "E MAE/atom", "E RMSE/atom", "F MAE", "F RMSE")
+    rows = [head] + [(k, str(v["structures"]), ms(v["energy_mae_per_atom"]), ms(v["energy_rmse_per_atom"]),
+                      ms(v["forces_mae"]), ms(v["forces_rmse"])) for k, v in by_type.items()]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
+    lines = ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    return "\n".join(lines[:1] + ["  (meV/atom and meV/Å)"] + lines[1:])
+
+
+def _cmd_predict(args) -> int:
+    from lamm_ds import load_model
+    from lamm_ds.engine.predict import predict_to_extxyz
+
+    report = predict_to_extxyz(load_model(args.model), args.data, args.out, head=args.head,
+                               batch_size=args.batch_size, allow_unseen_elements=args.allow_unseen_elements,
+                               force=args.force)
+    for source, (n, head) in report.per_source.items():
+        print(f"{source}: {n} structures, head {head}")
+    print(f"wrote {report.structures} structures to {report.out} (predictions lamm_energy / lamm_forces"
+          " / lamm_stress, reference labels REF_energy / REF_forces / REF_stress)")
     return 0
 
 
@@ -381,6 +411,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate structures with elements the head was not trained on (refused by default)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="write a model's energy/forces/stress for every structure as extxyz, "
+                                       "beside the reference labels")
+    p.add_argument("model", help="exported model file (model.safetensors)")
+    p.add_argument("data", nargs="+", help="lamm-ds dataset directories or ASE-readable files (labels optional)")
+    p.add_argument("--out", required=True, help="output extxyz file (written when complete)")
+    p.add_argument("--head", default=None, help="energy head to use (default as for evaluate)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--allow-unseen-elements", action="store_true",
+                   help="predict structures with elements the head was not trained on (refused by default)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("convert-fairchem", help="convert a fairchem EquiformerV2 checkpoint to a lamm-ds model file")
     p.add_argument("checkpoint", help="fairchem .pt checkpoint (read with torch.load(weights_only=True))")

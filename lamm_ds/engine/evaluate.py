@@ -172,16 +172,69 @@ def _predict(model, batch):
     return model(batch)
 
 
+def batch_outputs(model: Potential, chunk: Sequence[Structure], dataset_id: int, dtype, device,
+                  prepared: Sequence | None = None, check_finite: bool = True):
+    """(energy (B,), forces (N, 3), stress (B, 3, 3) or None) of ``chunk`` as float64 CPU tensors.
+
+    ``prepared``: graphs already built for the chunk at the model's cutoff (their dataset id is
+    replaced). ``check_finite``: non-finite outputs raise ``ValueError`` naming the structure (a NaN
+    must not become a number in a table; training-time evaluation keeps NaN, which its curve shows)."""
+    cfg = model.cfg
+    if prepared is None:
+        graphs = [build_sample(s, cfg.cutoff, cfg.max_neighbors, dataset_id) for s in chunk]
+    else:
+        graphs = [dataclasses.replace(g, dataset_id=dataset_id) for g in prepared]
+    out = _predict(model, collate(graphs, dtype).to(device))  # conservative models enable grad for -dE/dx
+    energy = out["energy"].detach().double().cpu()
+    forces = out["forces"].detach().double().cpu()
+    stress = out["stress"].detach().double().cpu() if "stress" in out else None
+    if not check_finite:
+        return energy, forces, stress
+    bad = ~torch.isfinite(energy)
+    offsets = np.concatenate([[0], np.cumsum([s.natoms for s in chunk])])
+    for g in range(len(chunk)):
+        if bad[g] or not torch.isfinite(forces[offsets[g]:offsets[g + 1]]).all() or \
+                (stress is not None and not torch.isfinite(stress[g]).all()):
+            s = chunk[g]
+            raise ValueError(f"{s.source or 'input'}: structure {s.source_index}: the model predicts a non-finite "
+                             "energy, force or stress")
+    return energy, forces, stress
+
+
+def _empty_errors() -> dict:
+    return {"structures": 0, "energy": [], "energy_per_atom": [], "forces": []}
+
+
+def _metrics(err: dict, structures: int) -> dict:
+    def mae(x):
+        return float(np.mean(np.abs(x))) if len(x) else math.nan
+
+    def rmse(x):
+        return float(np.sqrt(np.mean(np.square(x)))) if len(x) else math.nan
+
+    f = np.concatenate(err["forces"]) if err["forces"] else np.zeros(0)
+    return {
+        "structures": structures,
+        "energy_labelled": len(err["energy"]),
+        "force_labelled": len(err["forces"]),
+        "energy_mae": mae(err["energy"]), "energy_rmse": rmse(err["energy"]),
+        "energy_mae_per_atom": mae(err["energy_per_atom"]), "energy_rmse_per_atom": rmse(err["energy_per_atom"]),
+        "forces_mae": mae(f), "forces_rmse": rmse(f),
+    }
+
+
 def evaluate(model: Potential, structures: Sequence[Structure], head: str, batch_size: int = 16,
              return_predictions: bool = False, samples: Sequence | None = None,
-             allow_unseen_elements: bool = False, source: str | None = None) -> dict:
+             allow_unseen_elements: bool = False, source: str | None = None, check_finite: bool = False) -> dict:
     """MAE/RMSE of energy (eV per structure and eV/atom) and forces (eV/Å per component).
 
     ``samples``: graphs already built for ``structures`` at the model's cutoff (any dataset id).
     Elements ``head`` was not trained on (``model.trained_elements``, checked once over all
     structures) raise :class:`~lamm_ds.engine.export.UnseenElementsError`, whose message names
     ``source``; ``allow_unseen_elements=True`` evaluates anyway, logs a warning and lists them in
-    the result under ``unseen_elements``.
+    the result under ``unseen_elements``. ``check_finite``: a non-finite prediction raises
+    ``ValueError`` naming the structure (``lamm-ds evaluate``) instead of giving NaN errors. Structures
+    with ``info["config_type"]`` also get their own errors under ``by_config_type``.
     """
     if samples is not None and len(samples) != len(structures):
         raise ValueError(f"{len(samples)} prepared graphs for {len(structures)} structures")
@@ -195,56 +248,44 @@ def evaluate(model: Potential, structures: Sequence[Structure], head: str, batch
                     f"{source}: " if source else "", head, format_elements(unseen))
     was_training = model.training
     model.eval()
-    cfg = model.cfg
     dataset_id = model.dataset_index(head)
     dtype = next(model.parameters()).dtype
     dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
     device = next(model.parameters()).device
-    e_err, e_err_atom, f_err = [], [], []
+    errors: dict[str | None, dict[str, list]] = {}  # per config_type (None: all structures)
     preds = {"energy_true": [], "energy_pred": [], "natoms": [], "forces_true": [], "forces_pred": []}
     n = len(structures)
     for start in range(0, n, batch_size):
         chunk = [structures[k] for k in range(start, min(n, start + batch_size))]
-        if samples is None:
-            graphs = [build_sample(s, cfg.cutoff, cfg.max_neighbors, dataset_id) for s in chunk]
-        else:
-            graphs = [dataclasses.replace(samples[k], dataset_id=dataset_id)
-                      for k in range(start, min(n, start + batch_size))]
-        batch = collate(graphs, dtype)
-        batch = batch.to(device)
-        out = _predict(model, batch)  # conservative models enable grad for -dE/dx themselves
-        energy = out["energy"].detach().double().cpu()
-        forces = out["forces"].detach().double().cpu()
+        prepared = None if samples is None else [samples[k] for k in range(start, min(n, start + batch_size))]
+        energy, forces, _ = batch_outputs(model, chunk, dataset_id, dtype, device, prepared, check_finite)
         offsets = np.concatenate([[0], np.cumsum([s.natoms for s in chunk])])
         for g, s in enumerate(chunk):
+            groups = [errors.setdefault(None, _empty_errors())]
+            if "config_type" in s.info:
+                groups.append(errors.setdefault(str(s.info["config_type"]), _empty_errors()))
+            for err in groups:
+                err["structures"] += 1
             if s.energy is not None:
-                e_err.append(float(energy[g]) - s.energy)
-                e_err_atom.append(e_err[-1] / s.natoms)
+                de = float(energy[g]) - s.energy
+                for err in groups:
+                    err["energy"].append(de)
+                    err["energy_per_atom"].append(de / s.natoms)
                 preds["energy_true"].append(s.energy)
                 preds["energy_pred"].append(float(energy[g]))
                 preds["natoms"].append(s.natoms)
             if s.forces is not None:
                 fp = forces[offsets[g]:offsets[g + 1]].numpy()
-                f_err.append((fp - s.forces).reshape(-1))
+                for err in groups:
+                    err["forces"].append((fp - s.forces).reshape(-1))
                 preds["forces_true"].append(s.forces.reshape(-1))
                 preds["forces_pred"].append(fp.reshape(-1))
     model.train(was_training)
-
-    def mae(x):
-        return float(np.mean(np.abs(x))) if len(x) else math.nan
-
-    def rmse(x):
-        return float(np.sqrt(np.mean(np.square(x)))) if len(x) else math.nan
-
-    f = np.concatenate(f_err) if f_err else np.zeros(0)
-    result = {
-        "structures": n,
-        "energy_labelled": len(e_err),
-        "force_labelled": len(f_err),
-        "energy_mae": mae(e_err), "energy_rmse": rmse(e_err),
-        "energy_mae_per_atom": mae(e_err_atom), "energy_rmse_per_atom": rmse(e_err_atom),
-        "forces_mae": mae(f), "forces_rmse": rmse(f),
-    }
+    result = _metrics(errors.get(None, _empty_errors()), n)
+    by_type = {k: _metrics(v, v["structures"]) for k, v in sorted(errors.items(), key=lambda kv: str(kv[0]))
+               if k is not None}
+    if by_type:
+        result["by_config_type"] = by_type
     if unseen:
         result["unseen_elements"] = unseen
     if return_predictions:
