@@ -515,6 +515,18 @@ def test_converter_refuses_unsupported_models():
         convert_checkpoint({"state_dict": {}, "config": {"model": "painn"}})
     with pytest.raises(ConversionError, match="use_gate_act"):
         convert_checkpoint({"state_dict": {}, "config": {"model": {"name": "equiformer_v2", "use_gate_act": True}}})
+    # options that would change the computation are refused, not ignored
+    with pytest.raises(ConversionError, match=r"unknown EquiformerV2 option\(s\) use_fancy_thing"):
+        convert_checkpoint({"state_dict": {}, "config": {"model": {"name": "equiformer_v2", "use_fancy_thing": 1}}})
+    small = {"name": "equiformer_v2", "num_layers": 1, "lmax_list": [2], "mmax_list": [1], "sphere_channels": 8,
+             "attn_hidden_channels": 8, "ffn_hidden_channels": 8, "edge_channels": 8}
+    non_strict = {"state_dict": {}, "config": {"model": {**small, "enforce_max_neighbors_strictly": False}}}
+    with pytest.raises(ConversionError, match="enforce_max_neighbors_strictly=False.*--strict-neighbors-anyway"):
+        convert_checkpoint(non_strict)
+    with pytest.raises(ConversionError, match="lacks weights"):  # opted in: conversion goes on (to the weights)
+        convert_checkpoint(non_strict, strict_neighbors_anyway=True)
+    with pytest.raises(ConversionError, match="lacks weights"):  # the strict cap itself is what lamm-ds does
+        convert_checkpoint({"state_dict": {}, "config": {"model": {**small, "enforce_max_neighbors_strictly": True}}})
     with pytest.raises(ConversionError, match="lacks weights"):
         convert_checkpoint({"state_dict": {}, "config": {"model": {"name": "equiformer_v2", "num_layers": 1,
                                                                    "lmax_list": [2], "mmax_list": [1],
