@@ -119,6 +119,7 @@ class LammCalculator(Calculator):
         cfg = model.cfg
         self.cutoff = float(cfg.cutoff)
         self.max_neighbors = cfg.max_neighbors
+        self.max_neighbors_strict = cfg.max_neighbors_strict
         self.conservative = cfg.forces == "conservative"
         self.has_stress = self.conservative and bool(cfg.stress)
         if not self.conservative:
@@ -219,7 +220,8 @@ class LammCalculator(Calculator):
 
         # A new neighbour list for every geometry: ASE only calls calculate() when the atoms changed.
         sample = build_sample(self._structure(atoms), self.cutoff, self.max_neighbors,
-                              dataset_id=self.dataset_id, backend=self.neighbor_backend)
+                              dataset_id=self.dataset_id, backend=self.neighbor_backend,
+                              strict=self.max_neighbors_strict)
         self._check_distances(sample)
         out = self._forward(sample)
         self._check_finite(out, len(atoms))

@@ -246,8 +246,7 @@ def _cmd_predict(args) -> int:
 def _cmd_convert_fairchem(args) -> int:
     from lamm_ds.model.convert_fairchem import convert_fairchem
 
-    path = convert_fairchem(args.checkpoint, args.out, dataset=args.dataset, trust_pickle=args.trust_pickle,
-                            strict_neighbors_anyway=args.strict_neighbors_anyway)
+    path = convert_fairchem(args.checkpoint, args.out, dataset=args.dataset, trust_pickle=args.trust_pickle)
     print(f"{args.checkpoint} -> {path} (EquiformerV2, energy head {args.dataset!r})")
     return 0
 
@@ -432,10 +431,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="fully unpickle a checkpoint that weights-only loading refuses (this can run arbitrary "
                         "code: only for files you trust)")
-    p.add_argument("--strict-neighbors-anyway", action="store_true",
-                   help="convert a checkpoint trained with fairchem's non-strict neighbour cap "
-                        "(enforce_max_neighbors_strictly: False, OMat24 configs) with lamm-ds's strict cap: its "
-                        "predictions then differ from fairchem's where neighbour distances tie")
     p.set_defaults(func=_cmd_convert_fairchem)
 
     p = sub.add_parser("calibrate", help="time real micro-batches and fit the scheduler's cost model")

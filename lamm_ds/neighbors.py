@@ -184,9 +184,15 @@ def radius_graph(
     cutoff: float,
     max_neighbors: int | None = None,
     backend: str = "vesin",
+    strict: bool = True,
 ) -> Graph:
     """All pairs with ``|r_ij| < cutoff`` over every periodic image, keeping at most
     ``max_neighbors`` nearest per centre (ties broken by neighbour index, then image shift).
+
+    ``strict=False`` is fairchem's non-strict cap (``enforce_max_neighbors_strictly: False``): a
+    centre with more than k = ``max_neighbors`` neighbours keeps every neighbour whose squared
+    distance is within :data:`NON_STRICT_TOLERANCE` Å² of its (k+1)-th nearest's, so tied shells of
+    a crystal are kept whole (and the cap is no longer a maximum).
 
     Raises :class:`TooManyPairsError` for a periodic cell that would give more than
     :data:`MAX_PAIRS` pairs (a degenerate cell) instead of exhausting memory.
@@ -203,8 +209,27 @@ def radius_graph(
         starts = np.searchsorted(i, i, side="left")
         rank = np.arange(len(i)) - starts
         keep = rank < max_neighbors
+        if not strict:
+            keep = _non_strict_keep(i, dist[order], starts, rank, max_neighbors)
         i, j, s = i[keep], j[keep], s[keep]
     return Graph(i, j, s)
+
+
+# fairchem's degeneracy tolerance of the non-strict cap, on squared distances (Å^2)
+NON_STRICT_TOLERANCE = 0.01
+
+
+def _non_strict_keep(i, dist, starts, rank, k: int) -> np.ndarray:
+    """Edges (sorted by centre, then distance) kept by the non-strict cap: all of a centre with at
+    most k; else those with d^2 <= d^2 of its (k+1)-th nearest + tolerance (that one included)."""
+    degree = np.bincount(i)
+    deg = degree[i]
+    if k <= 0:  # fairchem: a cap <= 0 keeps everything
+        return np.ones(len(i), dtype=bool)
+    d2 = dist * dist
+    kth = starts + k  # the (k+1)-th nearest of the edge's centre, where it has one
+    threshold = np.where(deg > k, d2[np.minimum(kth, len(i) - 1)] + NON_STRICT_TOLERANCE, np.inf)
+    return (deg <= k) | (rank < k) | (d2 <= threshold)
 
 
 # Interatomic distances below this are treated as two atoms on the same spot (a duplicated atom, a

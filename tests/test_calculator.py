@@ -338,3 +338,35 @@ def test_grad_disabled_by_caller_still_gives_conservative_forces(trained):
     calc.reset()
     with torch.inference_mode():
         np.testing.assert_allclose(calc.get_forces(atoms), expected, atol=1e-6)
+
+
+def test_non_strict_neighbour_cap_travels_in_the_model_file(tmp_path):
+    """model.max_neighbors_strict=False (fairchem's non-strict cap) is stored in the exported model
+    and used by the calculator: on an fcc crystal (12 tied nearest neighbours, cap 8) it predicts
+    what the model predicts on the non-strict graph, not on the strict one."""
+    from ase.build import bulk
+
+    from lamm_ds.engine.export import export_model, load_model
+    from lamm_ds.graphs import build_sample, collate
+    from lamm_ds.model import DatasetStats, PaiNNConfig, Potential
+    from lamm_ds.structure import Structure
+
+    torch.manual_seed(0)
+    cfg = PaiNNConfig(hidden=16, layers=2, num_rbf=8, cutoff=4.5, max_neighbors=8, max_neighbors_strict=False,
+                      max_z=30, forces="conservative")
+    model = Potential(cfg, ["cu"], {"cu": DatasetStats.identity(30)}).eval()
+    model.trained_elements = {"cu": [29]}
+    loaded = load_model(export_model(model, tmp_path / "m.safetensors"))
+    assert loaded.cfg.max_neighbors_strict is False
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 2, 2)
+    s = Structure(atoms.numbers, atoms.positions, np.asarray(atoms.cell[:]), atoms.pbc)
+
+    def energy(strict):
+        sample = build_sample(s, cfg.cutoff, cfg.max_neighbors, strict=strict)
+        return float(loaded(collate([sample]))["energy"][0]), sample.num_edges
+
+    (e_loose, n_loose), (e_strict, n_strict) = energy(False), energy(True)
+    assert n_loose == 12 * len(atoms) and n_strict == 8 * len(atoms)
+    atoms.calc = LammCalculator(loaded)
+    assert atoms.get_potential_energy() == pytest.approx(e_loose, rel=1e-6)
+    assert abs(e_loose - e_strict) > 1e-6

@@ -520,15 +520,42 @@ def test_converter_refuses_unsupported_models():
         convert_checkpoint({"state_dict": {}, "config": {"model": {"name": "equiformer_v2", "use_fancy_thing": 1}}})
     small = {"name": "equiformer_v2", "num_layers": 1, "lmax_list": [2], "mmax_list": [1], "sphere_channels": 8,
              "attn_hidden_channels": 8, "ffn_hidden_channels": 8, "edge_channels": 8}
-    non_strict = {"state_dict": {}, "config": {"model": {**small, "enforce_max_neighbors_strictly": False}}}
-    with pytest.raises(ConversionError, match="enforce_max_neighbors_strictly=False.*--strict-neighbors-anyway"):
-        convert_checkpoint(non_strict)
-    with pytest.raises(ConversionError, match="lacks weights"):  # opted in: conversion goes on (to the weights)
-        convert_checkpoint(non_strict, strict_neighbors_anyway=True)
-    with pytest.raises(ConversionError, match="lacks weights"):  # the strict cap itself is what lamm-ds does
-        convert_checkpoint({"state_dict": {}, "config": {"model": {**small, "enforce_max_neighbors_strictly": True}}})
+    from lamm_ds.model.convert_fairchem import config_from_fairchem
+
+    # fairchem's neighbour-cap option is carried into the model config (and so into the model file)
+    assert config_from_fairchem({**small, "enforce_max_neighbors_strictly": False}).max_neighbors_strict is False
+    assert config_from_fairchem(small).max_neighbors_strict is True  # fairchem's default: strict
     with pytest.raises(ConversionError, match="lacks weights"):
         convert_checkpoint({"state_dict": {}, "config": {"model": {"name": "equiformer_v2", "num_layers": 1,
                                                                    "lmax_list": [2], "mmax_list": [1],
                                                                    "sphere_channels": 8, "attn_hidden_channels": 8,
                                                                    "ffn_hidden_channels": 8, "edge_channels": 8}}})
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_neighbour_cap_matches_fairchems_own_graph(strict):
+    """Our graph with max_neighbors_strict = fairchem's enforce_max_neighbors_strictly, against
+    fairchem-core 1.x's radius_graph_pbc on raw cells: an ideal fcc crystal (exact ties of 12
+    neighbours) and a rattled one, cap 8, cutoff 5 Å."""
+    _import_fairchem()
+    from ase.build import bulk
+    from fairchem.core.common.utils import radius_graph_pbc
+
+    from lamm_ds.neighbors import radius_graph
+
+    for rattle in (0.0, 0.05):
+        a = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 1, 1)
+        if rattle:
+            a.rattle(rattle, seed=1)
+        data = types.SimpleNamespace(pos=torch.tensor(a.positions, dtype=torch.float32),  # as fairchem runs it
+                                     cell=torch.tensor(np.asarray(a.cell[:]), dtype=torch.float32)[None],
+                                     natoms=torch.tensor([len(a)]), pbc=torch.tensor([[True, True, True]]))
+        edge_index, offsets, _ = radius_graph_pbc(data, 5.0, 8, enforce_max_neighbors_strictly=strict)
+        # fairchem: edge_index[0] = neighbour j, edge_index[1] = centre i, offsets = image of j
+        theirs = np.bincount(edge_index[1].numpy(), minlength=len(a))
+        ours = radius_graph(a.positions, np.asarray(a.cell[:]), a.pbc, 5.0, 8, strict=strict)
+        np.testing.assert_array_equal(np.bincount(ours.i, minlength=len(a)), theirs)
+        if not strict or rattle:  # without ties the kept neighbours are the same; with them, strict picks differ
+            want = sorted(zip(edge_index[1].tolist(), edge_index[0].tolist(), map(tuple, offsets.long().tolist())))
+            got = sorted(zip(ours.i.tolist(), ours.j.tolist(), map(tuple, ours.shifts.tolist())))
+            assert got == want

@@ -119,3 +119,44 @@ def test_neighbor_summary_is_the_graphs_count_and_shortest_edge(case):
             got = neighbor_summary(pos, cell, pbc, cutoff, cap)
             assert got.num_edges == g.num_edges
             assert got.shortest == shortest_distance(pos, cell, g)
+
+
+def _non_strict_reference(pos, cell, pbc, cutoff, k):
+    """fairchem's non-strict cap written out per centre: all neighbours if at most k, else those with
+    d^2 <= d^2 of the (k+1)-th nearest + 0.01."""
+    full = radius_graph(pos, cell, pbc, cutoff, None, backend="brute")
+    d = np.linalg.norm(pos[full.j] - pos[full.i] + full.shifts @ cell, axis=1)
+    keep = set()
+    for c in np.unique(full.i):
+        sel = np.flatnonzero(full.i == c)
+        if len(sel) <= k:
+            keep.update(sel.tolist())
+            continue
+        d2 = np.sort(d[sel] ** 2)
+        keep.update(sel[d[sel] ** 2 <= d2[k] + 0.01].tolist())
+    return sorted((int(full.i[e]), int(full.j[e]), tuple(full.shifts[e].tolist())) for e in keep)
+
+
+@pytest.mark.parametrize("case", ["periodic", "nonperiodic"])
+def test_non_strict_cap_is_fairchems_rule(case):
+    rng = np.random.default_rng(zlib.crc32(f"nonstrict-{case}".encode()))
+    for _ in range(30):
+        pos, cell, pbc, cutoff = _random_system(rng, case)
+        for k in (1, 3, 6):
+            got = radius_graph(pos, cell, pbc, cutoff, k, strict=False)
+            assert _edges(got) == _non_strict_reference(pos, cell, pbc, cutoff, k)
+
+
+def test_non_strict_cap_keeps_tied_shells_of_a_crystal():
+    """fcc: 12 nearest neighbours at the same distance. The strict cap of 8 picks 8 of them by
+    index (an arbitrary choice that breaks the symmetry); the non-strict cap keeps the shell."""
+    from ase.build import bulk
+
+    a = bulk("Cu", "fcc", a=3.61, cubic=True)
+    pos, cell, pbc = a.positions, np.asarray(a.cell[:]), a.pbc
+    strict = radius_graph(pos, cell, pbc, 6.0, 8)
+    loose = radius_graph(pos, cell, pbc, 6.0, 8, strict=False)
+    assert np.bincount(strict.i).tolist() == [8] * 4
+    assert np.bincount(loose.i).tolist() == [12] * 4
+    d = np.linalg.norm(pos[loose.j] - pos[loose.i] + loose.shifts @ cell, axis=1)
+    np.testing.assert_allclose(d, 3.61 / np.sqrt(2), rtol=1e-12)

@@ -31,7 +31,7 @@ class EvalCurve:
         self.sets = []
         if cfg.eval_every:
             self.sets = prepare_eval_sets(cfg.eval_datasets, model_cfg.cutoff, model_cfg.max_neighbors,
-                                          cfg.eval_max_structures)
+                                          cfg.eval_max_structures, model_cfg.max_neighbors_strict)
             if fresh:
                 self.path.unlink(missing_ok=True)
 

@@ -91,7 +91,8 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
         if rank == 0:
             log.info("resumed from %s at step %d", ckpt_root / latest_tag(ckpt_root), start_step)
     record_run_start(run_dir, rank, world, cfg, ds_config, resume)
-    graphs = GraphDataset(datasets, model.cfg.cutoff, model.cfg.max_neighbors)
+    graphs = GraphDataset(datasets, model.cfg.cutoff, model.cfg.max_neighbors,
+                          strict=model.cfg.max_neighbors_strict)
     stream = MixtureStream([len(d) for d in datasets], cfg.data.temperature, cfg.seed, cfg.data.epoch_length)
     scheduler = build_scheduler(cfg, datasets, stream, plan_ranks, cost_model)
     loader = step_loader(graphs, scheduler, rank, world, start_step, cfg.max_steps, cfg.data.num_workers)
@@ -137,7 +138,7 @@ def claim_run_dir(cfg: RunConfig, run_dir: Path, world: int, resume: bool, allow
             raise CheckpointError(f"{ckpt_root / LATEST}: no checkpoint to resume from")
         manifest = verify_checkpoint(ckpt_root, tag)
         changes = check_resume_config(run_dir, to_yaml(cfg), deepspeed_config(cfg, world), allow_config_change,
-                                      int(manifest["next_step"]))
+                                      int(manifest["next_step"]), defaults_yaml=to_yaml(RunConfig()))
         for key, old, new in changes:
             log.warning("resume with a changed config (--allow-config-change): %s: %r -> %r", key, old, new)
     elif (ckpt_root / LATEST).exists():

@@ -118,18 +118,21 @@ class PreparedEvalSet:
     samples: list
     cutoff: float
     max_neighbors: int | None
+    strict: bool = True
 
     def evaluate(self, model: Potential, batch_size: int = 32, allow_unseen_elements: bool = True) -> dict:
-        if (model.cfg.cutoff, model.cfg.max_neighbors) != (self.cutoff, self.max_neighbors):
+        used = (model.cfg.cutoff, model.cfg.max_neighbors, model.cfg.max_neighbors_strict)
+        if used != (self.cutoff, self.max_neighbors, self.strict):
             raise ValueError(f"evaluation set {self.name!r} was prepared at cutoff {self.cutoff} / max_neighbors "
-                             f"{self.max_neighbors}, the model uses {model.cfg.cutoff} / {model.cfg.max_neighbors}")
+                             f"{self.max_neighbors} (strict {self.strict}), the model uses {used[0]} / {used[1]} "
+                             f"(strict {used[2]})")
         head = choose_head(model, self.name, self.head, what=f"eval dataset {self.name!r}")
         return evaluate(model, self.structures, head=head, batch_size=batch_size, samples=self.samples,
                         allow_unseen_elements=allow_unseen_elements, source=f"eval dataset {self.name!r}")
 
 
 def prepare_eval_sets(entries, cutoff: float, max_neighbors: int | None,
-                      max_structures: int = 0) -> list[PreparedEvalSet]:
+                      max_structures: int = 0, strict: bool = True) -> list[PreparedEvalSet]:
     """Read each configured evaluation set once and build its neighbour lists.
 
     ``max_structures > 0`` keeps that many structures, evenly spaced over the file (a fixed subset,
@@ -142,8 +145,8 @@ def prepare_eval_sets(entries, cutoff: float, max_neighbors: int | None,
         if 0 < max_structures < len(structures):
             keep = np.unique(np.linspace(0, len(structures) - 1, max_structures).round().astype(int))
         chosen = [structures[int(k)] for k in keep]
-        samples = [build_sample(s, cutoff, max_neighbors) for s in chosen]
-        out.append(PreparedEvalSet(entry.name, entry.head, chosen, samples, cutoff, max_neighbors))
+        samples = [build_sample(s, cutoff, max_neighbors, strict=strict) for s in chosen]
+        out.append(PreparedEvalSet(entry.name, entry.head, chosen, samples, cutoff, max_neighbors, strict))
     return out
 
 
@@ -181,7 +184,8 @@ def batch_outputs(model: Potential, chunk: Sequence[Structure], dataset_id: int,
     must not become a number in a table; training-time evaluation keeps NaN, which its curve shows)."""
     cfg = model.cfg
     if prepared is None:
-        graphs = [build_sample(s, cfg.cutoff, cfg.max_neighbors, dataset_id) for s in chunk]
+        graphs = [build_sample(s, cfg.cutoff, cfg.max_neighbors, dataset_id, strict=cfg.max_neighbors_strict)
+                  for s in chunk]
     else:
         graphs = [dataclasses.replace(g, dataset_id=dataset_id) for g in prepared]
     out = _predict(model, collate(graphs, dtype).to(device))  # conservative models enable grad for -dE/dx

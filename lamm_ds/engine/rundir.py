@@ -76,21 +76,28 @@ def _flatten(tree, prefix: str = "") -> dict[str, object]:
     return {prefix.rstrip("."): tree}
 
 
-def config_changes(stored: dict, current: dict, ignore: tuple[str, ...] = ()) -> list[tuple[str, object, object]]:
-    """(dotted key, stored value, current value) for every key whose value differs."""
+def config_changes(stored: dict, current: dict, ignore: tuple[str, ...] = (),
+                   defaults: dict | None = None) -> list[tuple[str, object, object]]:
+    """(dotted key, stored value, current value) for every key whose value differs.
+
+    ``defaults``: a default config. A key the stored config lacks (a field added by a later lamm-ds)
+    whose current value is its default is no change: new fields default to the old behaviour."""
     a, b = _flatten(stored), _flatten(current)
+    d = _flatten(defaults) if defaults is not None else {}
     changes = []
     for key in sorted(set(a) | set(b)):
         if key in ignore:
             continue
         old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if old == "<absent>" and key in d and new == d[key]:
+            continue
         if old != new:
             changes.append((key, old, new))
     return changes
 
 
 def check_resume_config(run_dir: Path, config_yaml: str, ds_config: dict, allow_change: bool,
-                        step: int) -> list[tuple[str, object, object]]:
+                        step: int, defaults_yaml: str | None = None) -> list[tuple[str, object, object]]:
     """Compare a resume's config with the one stored at the run's start.
 
     Differences outside :data:`OPERATIONAL_KEYS` raise :class:`ConfigChangedError` unless
@@ -106,7 +113,8 @@ def check_resume_config(run_dir: Path, config_yaml: str, ds_config: dict, allow_
         stored = yaml.safe_load(text) if name == CONFIG_FILE else json.loads(text)
         prefix = "" if name == CONFIG_FILE else "deepspeed_config:"
         changes += [(prefix + k, old, new) for k, old, new in
-                    config_changes(stored, current, OPERATIONAL_KEYS if name == CONFIG_FILE else ())]
+                    config_changes(stored, current, OPERATIONAL_KEYS if name == CONFIG_FILE else (),
+                                   yaml.safe_load(defaults_yaml) if defaults_yaml and name == CONFIG_FILE else None)]
     if changes and not allow_change:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes[:12])
         more = f" (and {len(changes) - 12} more)" if len(changes) > 12 else ""

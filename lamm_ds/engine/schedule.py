@@ -127,7 +127,8 @@ def calibrate(cfg: RunConfig, batches: int = 40, repeats: int = 3, max_graphs: i
     datasets = open_datasets(cfg.data.datasets, cfg.data.demo_dir)
     model = build_or_init_model(cfg, datasets, 0).to(dev).train()
     ds_ids = torch.tensor([model.dataset_index(d.name) for d in datasets])
-    graphs = GraphDataset(datasets, model.cfg.cutoff, model.cfg.max_neighbors)
+    graphs = GraphDataset(datasets, model.cfg.cutoff, model.cfg.max_neighbors,
+                          strict=model.cfg.max_neighbors_strict)
     stream = MixtureStream([len(d) for d in datasets], cfg.data.temperature, cfg.seed, cfg.data.epoch_length)
     view = stream.epoch(0)
     rng = np.random.default_rng(seed)

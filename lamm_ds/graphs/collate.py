@@ -37,9 +37,11 @@ def build_sample(
     sample_id: int = -1,
     draw_id: int = -1,
     backend: str = "vesin",
+    strict: bool = True,
 ) -> GraphSample:
-    """Neighbour list of one structure at the given cutoff and cap."""
-    g = radius_graph(structure.positions, structure.cell, structure.pbc, cutoff, max_neighbors, backend)
+    """Neighbour list of one structure at the given cutoff and cap (``strict=False``: fairchem's
+    non-strict cap, see :func:`lamm_ds.neighbors.radius_graph`)."""
+    g = radius_graph(structure.positions, structure.cell, structure.pbc, cutoff, max_neighbors, backend, strict)
     return GraphSample(structure, g.i, g.j, g.shifts, dataset_id, sample_id, draw_id)
 
 

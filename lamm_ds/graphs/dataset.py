@@ -18,11 +18,12 @@ class GraphDataset(Dataset):
     """
 
     def __init__(self, datasets: Sequence[LmdbDataset], cutoff: float, max_neighbors: int | None,
-                 backend: str = "vesin"):
+                 backend: str = "vesin", strict: bool = True):
         self.datasets = list(datasets)
         self.cutoff = cutoff
         self.max_neighbors = max_neighbors
         self.backend = backend
+        self.strict = strict
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.datasets)
@@ -40,4 +41,4 @@ class GraphDataset(Dataset):
         draw_id = rest[0] if rest else -1
         structure = self.datasets[dataset_id][int(index)]
         return build_sample(structure, self.cutoff, self.max_neighbors, int(dataset_id), int(index),
-                            int(draw_id), self.backend)
+                            int(draw_id), self.backend, self.strict)

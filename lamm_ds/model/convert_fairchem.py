@@ -55,9 +55,8 @@ _AVG_DEGREE = 23.395238876342773
 # keys that do not change the computation (graph generation, bookkeeping, unused options)
 _IGNORED = {"name", "model", "use_pbc", "use_pbc_single", "regress_forces", "otf_graph", "num_sphere_samples",
             "num_distance_basis", "attn_activation", "ffn_activation", "activation_checkpoint", "direct_forces"}
-# fairchem's neighbour cap keeps, with enforce_max_neighbors_strictly=False (OMat24 configs), every
-# neighbour within the (k+1)-th nearest's squared distance + 0.01 Å^2: symmetric crystals get far more
-# edges than lamm-ds's strict k-nearest cap, so such a checkpoint predicts differently here
+# fairchem's neighbour cap: strict k nearest (its default), or with False (OMat24 configs) every
+# neighbour within the (k+1)-th nearest's squared distance + 0.01 Å^2 (lamm_ds.neighbors, strict=False)
 _STRICT_KEY = "enforce_max_neighbors_strictly"
 # what lamm-ds implements; anything else is refused rather than silently converted wrong
 _REQUIRED = dict(share_atom_edge_embedding=False, use_m_share_rad=False, distance_function="gaussian",
@@ -155,8 +154,7 @@ def model_section(config: dict) -> tuple[dict, dict, bool]:
     raise ConversionError(f"model {name!r} is not EquiformerV2")
 
 
-def config_from_fairchem(kwargs: dict, energy_reduce: str = "sum", strict_neighbors_anyway: bool = False
-                         ) -> EquiformerV2Config:
+def config_from_fairchem(kwargs: dict, energy_reduce: str = "sum") -> EquiformerV2Config:
     """Our config for a fairchem backbone's keyword arguments. Options that would change the
     computation and that lamm-ds does not implement are refused, never ignored."""
     kw = {**_FAIRCHEM_DEFAULTS, **kwargs}
@@ -164,13 +162,6 @@ def config_from_fairchem(kwargs: dict, energy_reduce: str = "sum", strict_neighb
     if unknown:
         raise ConversionError(f"unknown EquiformerV2 option(s) {', '.join(unknown)}: lamm-ds cannot tell whether they "
                               "change the model's predictions, so it does not convert the checkpoint")
-    if kwargs.get(_STRICT_KEY, True) is False and not strict_neighbors_anyway:
-        raise ConversionError(
-            f"{_STRICT_KEY}=False: fairchem keeps every neighbour within the (k+1)-th nearest's squared distance "
-            f"+ 0.01 Å^2 (k = max_neighbors={kw['max_neighbors']}), lamm-ds keeps exactly the k nearest, so "
-            "crystals with tied neighbour distances get fewer edges here and the converted model predicts "
-            "differently from fairchem; pass --strict-neighbors-anyway "
-            "(strict_neighbors_anyway=True) to convert with the strict cap regardless")
     for key, want in _REQUIRED.items():
         if kw[key] != want:
             raise ConversionError(f"EquiformerV2 option {key}={kw[key]!r} is not supported by lamm-ds (needs {want!r})")
@@ -182,7 +173,8 @@ def config_from_fairchem(kwargs: dict, energy_reduce: str = "sum", strict_neighb
         num_heads=kw["num_heads"], attn_alpha_channels=kw["attn_alpha_channels"],
         attn_value_channels=kw["attn_value_channels"], ffn_hidden_channels=kw["ffn_hidden_channels"],
         edge_channels=kw["edge_channels"], grid_resolution=kw["grid_resolution"], cutoff=float(kw["max_radius"]),
-        max_neighbors=kw["max_neighbors"], max_z=kw["max_num_elements"] - 1, norm_type=kw["norm_type"],
+        max_neighbors=kw["max_neighbors"], max_neighbors_strict=bool(kwargs.get(_STRICT_KEY, True)),
+        max_z=kw["max_num_elements"] - 1, norm_type=kw["norm_type"],
         use_grid_mlp=kw["use_grid_mlp"], use_atom_edge_embedding=kw["use_atom_edge_embedding"],
         alpha_drop=kw["alpha_drop"], drop_path_rate=kw["drop_path_rate"],
         avg_degree=kw["avg_degree"] or _AVG_DEGREE, avg_num_nodes=kw["avg_num_nodes"] or _AVG_NUM_NODES,
@@ -264,8 +256,7 @@ def _normalizers(ckpt: dict) -> tuple[float, float, float, float]:
 
 
 def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem",
-                       dtype: torch.dtype = torch.float32, trust_pickle: bool = False,
-                       strict_neighbors_anyway: bool = False) -> EquiformerV2Potential:
+                       dtype: torch.dtype = torch.float32, trust_pickle: bool = False) -> EquiformerV2Potential:
     """A lamm-ds :class:`EquiformerV2Potential` equivalent to the fairchem checkpoint (eval mode).
 
     A path is read with :func:`load_checkpoint` (weights-only unless ``trust_pickle``). The result's
@@ -286,7 +277,7 @@ def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem"
         raise ConversionError(f"hydra model needs an EquiformerV2 energy and force head, has {sorted(heads)}")
     if other_heads:
         log.warning("convert-fairchem: heads %s are not converted (lamm-ds has energy and direct forces)", other_heads)
-    cfg = config_from_fairchem(backbone_kw, reduce, strict_neighbors_anyway)
+    cfg = config_from_fairchem(backbone_kw, reduce)
     mapped, skipped = map_state_dict(ckpt["state_dict"], monolithic, energy_head, force_head, dataset)
 
     e_mean, e_std, f_mean, f_std = _normalizers(ckpt)
@@ -328,31 +319,17 @@ def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem"
 
 
 def convert_fairchem(checkpoint: str | os.PathLike, out: str | os.PathLike, dataset: str = "fairchem",
-                     trust_pickle: bool = False, strict_neighbors_anyway: bool = False) -> Path:
+                     trust_pickle: bool = False) -> Path:
     """``lamm-ds convert-fairchem``: write the converted model as a lamm-ds export.
 
     ``trust_pickle=True`` unpickles a checkpoint that weights-only loading refuses (can run code
-    from the file: only for files you trust). ``strict_neighbors_anyway=True`` converts a checkpoint
-    trained with fairchem's non-strict neighbour cap (refused otherwise) and says so in the model
-    file's metadata. Errors name the checkpoint.
+    from the file: only for files you trust). Errors name the checkpoint.
     """
     from lamm_ds.engine.export import export_model
 
     ckpt = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
     try:
-        model = convert_checkpoint(ckpt, dataset, strict_neighbors_anyway=strict_neighbors_anyway)
+        model = convert_checkpoint(ckpt, dataset)
     except ConversionError as exc:
         raise ConversionError(f"{checkpoint}: {exc}") from None
-    meta = {"converted_from": str(checkpoint), "source": "fairchem EquiformerV2"}
-    if strict_neighbors_anyway and _backbone_strictness(ckpt) is False:
-        meta["neighbor_cap"] = ("strict k-nearest; the checkpoint was trained with fairchem's non-strict cap "
-                                "(converted with strict_neighbors_anyway)")
-    return export_model(model, out, meta)
-
-
-def _backbone_strictness(ckpt: dict):
-    """The checkpoint's enforce_max_neighbors_strictly (None when its config does not say)."""
-    try:
-        return model_section(ckpt["config"])[0].get(_STRICT_KEY)
-    except (ConversionError, KeyError, TypeError):
-        return None
+    return export_model(model, out, {"converted_from": str(checkpoint), "source": "fairchem EquiformerV2"})

@@ -81,6 +81,7 @@ class EquiformerV2Config:
     gaussian_width: float = 2.0           # in units of the Gaussian spacing
     cutoff: float = 5.0                   # Å; also the neighbour-list cutoff of the data pipeline
     max_neighbors: Optional[int] = 20
+    max_neighbors_strict: bool = True     # False: fairchem's non-strict cap (ties with the (k+1)-th nearest kept)
     max_z: int = 89                       # element embeddings 0..max_z (fairchem max_num_elements - 1)
     norm_type: str = "layer_norm_sh"      # or "rms_norm_sh"
     use_grid_mlp: bool = True             # feed-forward: MLP on the grid (else separable S2 activation)

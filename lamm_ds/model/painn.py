@@ -34,6 +34,7 @@ class PaiNNConfig:
     num_rbf: int = 20
     cutoff: float = 5.0            # Å; also the neighbour-list cutoff the data pipeline must use
     max_neighbors: int | None = 50
+    max_neighbors_strict: bool = True  # False: fairchem's non-strict cap (ties with the (k+1)-th nearest kept)
     max_z: int = 100
     forces: str = "direct"         # "direct" (gated equivariant head) or "conservative" (-dE/dpos)
     stress: bool = False           # only with conservative forces (d E / d strain)

@@ -450,3 +450,22 @@ def test_an_eval_set_without_labels_is_refused_before_training(demo_data, tmp_pa
     assert proc.returncode == 2
     assert "eval_datasets:" in proc.stderr and "has no energy or force labels: nothing to score" in proc.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_resume_accepts_fields_added_since_the_run_started():
+    """A run started by an older lamm-ds has no value stored for a field added later: the field's
+    default (which keeps the old behaviour) is no change; any other value is one."""
+    from lamm_ds.engine.config import RunConfig, to_yaml
+    from lamm_ds.engine.rundir import config_changes
+
+    import yaml
+
+    defaults = yaml.safe_load(to_yaml(RunConfig()))
+    stored = yaml.safe_load(to_yaml(RunConfig()))
+    del stored["equiformer_v2"]["max_neighbors_strict"]  # as written before the field existed
+    current = yaml.safe_load(to_yaml(RunConfig()))
+    assert config_changes(stored, current, defaults=defaults) == []
+    assert config_changes(stored, current) == [("equiformer_v2.max_neighbors_strict", "<absent>", True)]
+    current["equiformer_v2"]["max_neighbors_strict"] = False
+    assert config_changes(stored, current, defaults=defaults) == [
+        ("equiformer_v2.max_neighbors_strict", "<absent>", False)]
