@@ -246,8 +246,12 @@ def _cmd_predict(args) -> int:
 def _cmd_convert_fairchem(args) -> int:
     from lamm_ds.model.convert_fairchem import convert_fairchem
 
-    path = convert_fairchem(args.checkpoint, args.out, dataset=args.dataset, trust_pickle=args.trust_pickle)
-    print(f"{args.checkpoint} -> {path} (EquiformerV2, energy head {args.dataset!r})")
+    path = convert_fairchem(args.checkpoint, args.out, dataset=args.dataset, trust_pickle=args.trust_pickle,
+                            weights=args.weights)
+    from lamm_ds.engine.export import read_export_metadata
+
+    used = json.loads(read_export_metadata(path).get("extra", "{}")).get("weights", "raw")
+    print(f"{args.checkpoint} -> {path} (EquiformerV2, energy head {args.dataset!r}, {used} weights)")
     return 0
 
 
@@ -431,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="fully unpickle a checkpoint that weights-only loading refuses (this can run arbitrary "
                         "code: only for files you trust)")
+    p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                   help="auto (default): the EMA weights when the checkpoint has them and its config an ema_decay, "
+                        "as fairchem's predictor uses; ema / raw: force one")
     p.set_defaults(func=_cmd_convert_fairchem)
 
     p = sub.add_parser("calibrate", help="time real micro-batches and fit the scheduler's cost model")

@@ -559,3 +559,46 @@ def test_neighbour_cap_matches_fairchems_own_graph(strict):
             want = sorted(zip(edge_index[1].tolist(), edge_index[0].tolist(), map(tuple, offsets.long().tolist())))
             got = sorted(zip(ours.i.tolist(), ours.j.tolist(), map(tuple, ours.shifts.tolist())))
             assert got == want
+
+
+@pytest.mark.parametrize("layout", ["hydra", "monolithic"])
+def test_fairchem_ema_weights_align_with_fairchems_own_ema(layout):
+    """fairchem's ExponentialMovingAverage over its model's parameters (hydra: backbone, then the
+    heads in config order; monolithic: one module): the converter's EMA weights are exactly the
+    shadow tensors fairchem would copy into the model for prediction."""
+    Backbone, ScalarHead, VectorHead, _ = _import_fairchem()
+    from fairchem.core.modules.exponential_moving_average import ExponentialMovingAverage
+
+    from lamm_ds.model.convert_fairchem import convert_checkpoint
+
+    torch.manual_seed(0)
+    extra = {"use_energy_lin_ref": True, "load_energy_lin_ref": True} if layout == "monolithic" else {}
+    bb = Backbone(**FAIRCHEM_TINY, **extra)
+    eh, fh = ScalarHead(bb), VectorHead(bb)
+    modules = [bb, eh, fh]
+    ema = ExponentialMovingAverage([p for m in modules for p in m.parameters()], 0.999)
+    with torch.no_grad():
+        for s in ema.shadow_params:
+            s.add_(0.05 * torch.randn_like(s))
+    if layout == "hydra":
+        state = {**{f"module.backbone.{k}": v for k, v in bb.state_dict().items()},
+                 **{f"module.output_heads.energy.{k}": v for k, v in eh.state_dict().items()},
+                 **{f"module.output_heads.forces.{k}": v for k, v in fh.state_dict().items()}}
+        config = {"model": {"name": "hydra", "backbone": {"model": "equiformer_v2_backbone", **FAIRCHEM_TINY},
+                            "heads": {"energy": {"module": "equiformer_v2_energy_head"},
+                                      "forces": {"module": "equiformer_v2_force_head"}}}}
+    else:
+        state = {f"module.{k}": v for m in modules for k, v in m.state_dict().items()}
+        config = {"model": "equiformer_v2", "model_attributes": {**FAIRCHEM_TINY, **extra}}
+    config["optim"] = {"ema_decay": 0.999}
+    ckpt = {"state_dict": state, "config": config, "ema": ema.state_dict()}
+    converted = convert_checkpoint(ckpt, "x")
+    assert converted.weights_source == "ema"
+    ema.copy_to([p for m in modules for p in m.parameters()])  # what fairchem's predictor does
+    copied = {f"backbone.{k}": v for k, v in bb.state_dict().items()}
+    copied.update({f"heads.x.{k}": v for k, v in eh.state_dict().items() if k.startswith("energy_block.")})
+    copied.update({f"force_head.{k}": v for k, v in fh.state_dict().items() if k.startswith("force_block.")})
+    ours = dict(converted.named_parameters())
+    assert ours and set(ours) <= set(copied)
+    for name, p in ours.items():
+        torch.testing.assert_close(p.detach(), copied[name].to(p.dtype), rtol=0, atol=0, msg=name)

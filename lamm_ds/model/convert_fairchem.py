@@ -206,26 +206,70 @@ def map_state_dict(state: dict, monolithic: bool, energy_head: str | None, force
     """fairchem keys -> lamm-ds keys; returns (mapped, skipped fairchem keys)."""
     mapped, skipped = {}, []
     for raw_key, value in state.items():
-        key = _strip_module(raw_key)
-        if monolithic:
-            if key.startswith("energy_block."):
-                new = f"heads.{dataset}.{key}"
-            elif key.startswith("force_block."):
-                new = f"force_head.{key}"
-            else:
-                new = f"backbone.{key}"
+        new = _map_key(raw_key, monolithic, energy_head, force_head, dataset)
+        if new is None:
+            skipped.append(raw_key)
         else:
-            if key.startswith("backbone."):
-                new = key
-            elif energy_head and key.startswith(f"output_heads.{energy_head}.energy_block."):
-                new = f"heads.{dataset}." + key[len(f"output_heads.{energy_head}."):]
-            elif force_head and key.startswith(f"output_heads.{force_head}.force_block."):
-                new = "force_head." + key[len(f"output_heads.{force_head}."):]
-            else:
-                skipped.append(raw_key)
-                continue
-        mapped[new] = value
+            mapped[new] = value
     return mapped, skipped
+
+
+def _map_key(raw_key: str, monolithic: bool, energy_head: str | None, force_head: str | None,
+             dataset: str) -> str | None:
+    """The lamm-ds key of one fairchem key; None for a head lamm-ds does not convert."""
+    key = _strip_module(raw_key)
+    if monolithic:
+        if key.startswith("energy_block."):
+            return f"heads.{dataset}.{key}"
+        if key.startswith("force_block."):
+            return f"force_head.{key}"
+        return f"backbone.{key}"
+    if key.startswith("backbone."):
+        return key
+    if energy_head and key.startswith(f"output_heads.{energy_head}.energy_block."):
+        return f"heads.{dataset}." + key[len(f"output_heads.{energy_head}."):]
+    if force_head and key.startswith(f"output_heads.{force_head}.force_block."):
+        return "force_head." + key[len(f"output_heads.{force_head}."):]
+    return None
+
+
+WEIGHTS = ("auto", "ema", "raw")
+
+
+def _uses_ema(ckpt: dict, weights: str) -> bool:
+    """Whether to convert the EMA copy: ``auto`` does what fairchem's predictor does (the EMA weights
+    when the checkpoint has them and its config sets an EMA decay)."""
+    if weights not in WEIGHTS:
+        raise ConversionError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    ema = ckpt.get("ema")
+    has = isinstance(ema, dict) and bool(ema.get("shadow_params"))
+    if weights == "ema" and not has:
+        raise ConversionError("--weights ema: the checkpoint holds no EMA weights ('ema' is empty)")
+    if weights == "auto":
+        decay = ((ckpt.get("config") or {}).get("optim") or {}).get("ema_decay")
+        return has and bool(decay)
+    return weights == "ema"
+
+
+def ema_state(ckpt: dict, monolithic: bool, energy_head: str | None, force_head: str | None, dataset: str,
+              params: set[str]) -> dict:
+    """lamm-ds key -> EMA tensor. fairchem's EMA keeps ``shadow_params``, one per trainable parameter
+    in ``model.parameters()`` order, which is the order of the parameters among the state_dict keys.
+    Trainable here: keys that map to a lamm-ds parameter, and every key of a head that is not
+    converted (assumed to be parameters). The count and every shape must agree, or nothing is used."""
+    shadows = list(ckpt["ema"]["shadow_params"])
+    order = []
+    for raw_key, value in ckpt["state_dict"].items():
+        new = _map_key(raw_key, monolithic, energy_head, force_head, dataset)
+        if new is None or new in params:
+            order.append((new, tuple(torch.as_tensor(value).shape)))
+    shapes = [tuple(torch.as_tensor(s).shape) for s in shadows]
+    if len(order) != len(shadows) or [shape for _, shape in order] != shapes:
+        first = next((k for k, ((_, a), b) in enumerate(zip(order, shapes)) if a != b), min(len(order), len(shapes)))
+        raise ConversionError(f"cannot align the checkpoint's {len(shadows)} EMA tensors with its {len(order)} "
+                              f"trainable weights (first mismatch at position {first}); pass --weights raw to "
+                              "convert the raw weights instead")
+    return {new: torch.as_tensor(s) for (new, _), s in zip(order, shadows) if new is not None}
 
 
 def _scalar(x) -> float:
@@ -256,8 +300,13 @@ def _normalizers(ckpt: dict) -> tuple[float, float, float, float]:
 
 
 def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem",
-                       dtype: torch.dtype = torch.float32, trust_pickle: bool = False) -> EquiformerV2Potential:
+                       dtype: torch.dtype = torch.float32, trust_pickle: bool = False,
+                       weights: str = "auto") -> EquiformerV2Potential:
     """A lamm-ds :class:`EquiformerV2Potential` equivalent to the fairchem checkpoint (eval mode).
+
+    ``weights``: ``auto`` (default) takes the EMA copy when the checkpoint has one and its config an
+    ``ema_decay``, as fairchem's own prediction path does; ``ema`` / ``raw`` force one or the other.
+    The result's ``weights_source`` says which was used.
 
     A path is read with :func:`load_checkpoint` (weights-only unless ``trust_pickle``). The result's
     ``trained_elements`` is ``None``: a checkpoint does not say which elements it was trained on.
@@ -314,12 +363,17 @@ def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem"
     missing = sorted(params - set(loadable))
     if missing:
         raise ConversionError(f"checkpoint lacks weights for {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    model.weights_source = "raw"
+    if _uses_ema(ckpt, weights):
+        for key, value in ema_state(ckpt, monolithic, energy_head, force_head, dataset, params).items():
+            loadable[key] = value.to(ours[key].dtype)
+        model.weights_source = "ema"
     model.load_state_dict(loadable, strict=False)
     return model.eval()
 
 
 def convert_fairchem(checkpoint: str | os.PathLike, out: str | os.PathLike, dataset: str = "fairchem",
-                     trust_pickle: bool = False) -> Path:
+                     trust_pickle: bool = False, weights: str = "auto") -> Path:
     """``lamm-ds convert-fairchem``: write the converted model as a lamm-ds export.
 
     ``trust_pickle=True`` unpickles a checkpoint that weights-only loading refuses (can run code
@@ -329,7 +383,8 @@ def convert_fairchem(checkpoint: str | os.PathLike, out: str | os.PathLike, data
 
     ckpt = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
     try:
-        model = convert_checkpoint(ckpt, dataset)
+        model = convert_checkpoint(ckpt, dataset, weights=weights)
     except ConversionError as exc:
         raise ConversionError(f"{checkpoint}: {exc}") from None
-    return export_model(model, out, {"converted_from": str(checkpoint), "source": "fairchem EquiformerV2"})
+    return export_model(model, out, {"converted_from": str(checkpoint), "source": "fairchem EquiformerV2",
+                                     "weights": model.weights_source})

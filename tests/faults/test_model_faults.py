@@ -491,3 +491,62 @@ def test_evaluate_refuses_a_file_whose_labels_it_cannot_see(model_file, tmp_path
     assert rc == 2 and not out
     assert f"{path}: no structure has an energy, forces or stress label" in err
     assert "--energy-key REF_energy --forces-key REF_forces" in err and "evaluate the dataset directory" in err
+
+
+def test_convert_fairchem_takes_the_ema_weights_as_fairchem_predicts(tmp_path, capsys):
+    """A checkpoint with an EMA copy and an ema_decay: fairchem predicts with the EMA weights, so
+    the conversion does by default; --weights raw takes the raw ones; misaligned EMA tensors and a
+    missing EMA copy with --weights ema are errors."""
+    from lamm_ds.graphs import build_sample, collate
+    from lamm_ds.model.convert_fairchem import ConversionError, convert_checkpoint
+    from lamm_ds.model.equiformer_v2 import EquiformerV2Config, EquiformerV2Potential
+    from lamm_ds.structure import Structure
+
+    attrs = dict(num_layers=1, lmax_list=[2], mmax_list=[1], sphere_channels=8, attn_hidden_channels=8, num_heads=2,
+                 attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
+                 grid_resolution=18, norm_type="layer_norm_sh", use_grid_mlp=True, max_radius=4.0,
+                 max_neighbors=20, max_num_elements=90, alpha_drop=0.0, drop_path_rate=0.0)
+    cfg = EquiformerV2Config(num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8, num_heads=2,
+                             attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
+                             grid_resolution=18, cutoff=4.0, max_neighbors=20, max_z=89, alpha_drop=0.0,
+                             drop_path_rate=0.0, forces="direct", edge_roll="fixed")
+    stats = {"A": DatasetStats(np.zeros(90), 0.0, 1.0, 1.0)}
+    torch.manual_seed(0)
+    raw = EquiformerV2Potential(cfg, ["A"], stats).eval()
+    ema = EquiformerV2Potential(cfg, ["A"], stats).eval()
+    with torch.no_grad():  # the EMA copy: the raw weights, moved
+        for p, q in zip(raw.parameters(), ema.parameters()):
+            q.copy_(p + 0.05 * torch.randn_like(p))
+
+    def fairchem_key(key):  # lamm-ds key -> a monolithic fairchem checkpoint's (as in the test above)
+        for ours in ("backbone.", "heads.A.energy_block.", "force_head."):
+            if key.startswith(ours):
+                return "module." + key[len("heads.A."):] if ours.startswith("heads") else "module." + key[len(ours):]
+        return None
+
+    params = {n for n, _ in raw.named_parameters()}
+    state = {fairchem_key(k): v for k, v in raw.state_dict().items() if fairchem_key(k)}
+    # fairchem's EMA order is its parameters() order: the parameters among the state_dict keys
+    trainable = [k for k in raw.state_dict() if k in params and fairchem_key(k)]
+    shadows = [dict(ema.named_parameters())[k].detach().clone() for k in trainable]
+    ckpt = {"state_dict": state, "config": {"model": "equiformer_v2", "model_attributes": attrs,
+                                            "optim": {"ema_decay": 0.999}},
+            "ema": {"decay": 0.999, "num_updates": 10, "shadow_params": shadows, "collected_params": []}}
+    a = molecule("CH3CH2OH")
+    batch = collate([build_sample(Structure(a.numbers, a.positions), 4.0, 20)])
+    with torch.no_grad():
+        want_ema, want_raw = ema(batch)["energy"], raw(batch)["energy"]
+        got_auto = convert_checkpoint(ckpt, "A")(batch)["energy"]
+        got_raw = convert_checkpoint(ckpt, "A", weights="raw")(batch)["energy"]
+        no_decay = convert_checkpoint({**ckpt, "config": {**ckpt["config"], "optim": {}}}, "A")(batch)["energy"]
+    assert torch.allclose(got_auto, want_ema, rtol=1e-5) and not torch.allclose(want_ema, want_raw, rtol=1e-3)
+    assert torch.allclose(got_raw, want_raw, rtol=1e-5) and torch.allclose(no_decay, want_raw, rtol=1e-5)
+    path = tmp_path / "with_ema.pt"
+    torch.save(ckpt, path)
+    rc, out, err = run_cli(["convert-fairchem", path, tmp_path / "m.safetensors", "--dataset", "A"], capsys)
+    assert rc == 0, err
+    assert "ema weights" in out
+    with pytest.raises(ConversionError, match="cannot align the checkpoint's .* EMA tensors.*--weights raw"):
+        convert_checkpoint({**ckpt, "ema": {**ckpt["ema"], "shadow_params": shadows[1:]}}, "A")
+    with pytest.raises(ConversionError, match="holds no EMA weights"):
+        convert_checkpoint({**ckpt, "ema": None}, "A", weights="ema")
