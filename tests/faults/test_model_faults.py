@@ -385,10 +385,9 @@ def test_checkpoint_without_model_config_names_the_file(tmp_path, capsys):
     assert rc == 2 and str(path) in err and "not a fairchem checkpoint" in err
 
 
-def test_clean_fairchem_checkpoint_converts_with_weights_only(tmp_path, capsys):
-    from lamm_ds.graphs import build_sample, collate
-    from lamm_ds.model.equiformer_v2 import EquiformerV2Config, EquiformerV2Potential
-    from lamm_ds.structure import Structure
+def _tiny_fairchem_eqv2():
+    """(fairchem model_attributes, the equivalent lamm-ds config) of a tiny EquiformerV2."""
+    from lamm_ds.model.equiformer_v2 import EquiformerV2Config
 
     attrs = dict(num_layers=1, lmax_list=[2], mmax_list=[1], sphere_channels=8, attn_hidden_channels=8, num_heads=2,
                  attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
@@ -398,6 +397,15 @@ def test_clean_fairchem_checkpoint_converts_with_weights_only(tmp_path, capsys):
                              attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
                              grid_resolution=18, cutoff=4.0, max_neighbors=20, max_z=89, alpha_drop=0.0,
                              drop_path_rate=0.0, forces="direct", edge_roll="fixed")
+    return attrs, cfg
+
+
+def test_clean_fairchem_checkpoint_converts_with_weights_only(tmp_path, capsys):
+    from lamm_ds.graphs import build_sample, collate
+    from lamm_ds.model.equiformer_v2 import EquiformerV2Potential
+    from lamm_ds.structure import Structure
+
+    attrs, cfg = _tiny_fairchem_eqv2()
     torch.manual_seed(0)
     ref = EquiformerV2Potential(cfg, ["A"], {"A": DatasetStats(np.zeros(90), 0.0, 2.0, 1.5)}).eval()
     ref.heads["A"].offset.energy_offset.fill_(0.5)
@@ -499,17 +507,10 @@ def test_convert_fairchem_takes_the_ema_weights_as_fairchem_predicts(tmp_path, c
     missing EMA copy with --weights ema are errors."""
     from lamm_ds.graphs import build_sample, collate
     from lamm_ds.model.convert_fairchem import ConversionError, convert_checkpoint
-    from lamm_ds.model.equiformer_v2 import EquiformerV2Config, EquiformerV2Potential
+    from lamm_ds.model.equiformer_v2 import EquiformerV2Potential
     from lamm_ds.structure import Structure
 
-    attrs = dict(num_layers=1, lmax_list=[2], mmax_list=[1], sphere_channels=8, attn_hidden_channels=8, num_heads=2,
-                 attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
-                 grid_resolution=18, norm_type="layer_norm_sh", use_grid_mlp=True, max_radius=4.0,
-                 max_neighbors=20, max_num_elements=90, alpha_drop=0.0, drop_path_rate=0.0)
-    cfg = EquiformerV2Config(num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8, num_heads=2,
-                             attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
-                             grid_resolution=18, cutoff=4.0, max_neighbors=20, max_z=89, alpha_drop=0.0,
-                             drop_path_rate=0.0, forces="direct", edge_roll="fixed")
+    attrs, cfg = _tiny_fairchem_eqv2()
     stats = {"A": DatasetStats(np.zeros(90), 0.0, 1.0, 1.0)}
     torch.manual_seed(0)
     raw = EquiformerV2Potential(cfg, ["A"], stats).eval()
