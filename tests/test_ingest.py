@@ -349,3 +349,27 @@ def test_parallel_extxyz_errors_name_the_structure(tmp_path, monkeypatch):
     ase.io.write(bare, [molecule("H2O"), molecule("CH4")], format="extxyz")
     with pytest.raises(IngestError, match="no structure has an energy, forces or stress label"):
         ingest([str(bare)], tmp_path / "bare", _opts(workers=2))
+
+
+def test_frame_ranges_cut_only_regular_extxyz(tmp_path):
+    """Ranges cover every frame exactly once (CRLF line ends too); anything irregular is left to the
+    serial reader (None)."""
+    from lamm_ds.ingest.xyz_chunks import frame_ranges
+
+    f = Path(_write(tmp_path / "a.xyz", _frames(10)))
+    ranges = frame_ranges(f, 3)
+    assert [(r.first, r.count) for r in ranges] == [(0, 3), (3, 3), (6, 3), (9, 1)]
+    data = f.read_bytes()
+    assert b"".join(data[r.start:r.end] for r in ranges) == data
+    crlf = tmp_path / "crlf.xyz"
+    crlf.write_bytes(data.replace(b"\n", b"\r\n"))
+    assert [r.count for r in frame_ranges(crlf, 4)] == [4, 4, 2]
+    lines = data.decode().splitlines(keepends=True)
+    for name, text in (("blank.xyz", "".join(lines[:5] + ["\n"] + lines[5:])),
+                       ("truncated.xyz", "".join(lines[:-1])),
+                       ("bom.xyz", "\ufeff" + data.decode())):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        assert frame_ranges(tmp_path / name, 3) is None, name
+    (tmp_path / "a.xyz.gz").write_bytes(b"")
+    assert frame_ranges(tmp_path / "a.xyz.gz", 3) is None
+    assert frame_ranges(tmp_path / "a.traj", 3) is None

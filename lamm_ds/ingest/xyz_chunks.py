@@ -13,6 +13,7 @@ and the file goes through the serial reader, whose checks name the fault.
 from __future__ import annotations
 
 import io
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +34,10 @@ class FrameRange:
     end: int
 
 
-def frame_offsets(path: str | Path) -> list[int] | None:
-    """Byte offset of every frame's count line, then the file's end; None for an irregular layout."""
-    offsets: list[int] = []
+def frame_offsets(path: str | Path) -> array | None:
+    """Byte offset of every frame's count line, then the file's end; None for an irregular layout.
+    (8 bytes per frame: a 10^7-frame file costs 80 MB here, not the 0.4 GB of a list of ints.)"""
+    offsets = array("q")
     pos = 0
     with open(path, "rb") as fh:
         readline = fh.readline
