@@ -28,6 +28,14 @@ class DatasetConfig:
     name: str = ""
     path: str = ""
     head: Optional[str] = None  # evaluation only: the energy head to use (default: `name`, else the first)
+    references: str = "fit"     # per-element reference energies (E0s) of a new head: "fit" (least squares on
+                                # the set), "zero", or "isolated:<file>" (single-atom structures' energies)
+    reference_energies: dict[str, float] = field(default_factory=dict)  # element symbol -> eV, overrides the above
+
+    def __post_init__(self) -> None:
+        if self.references not in ("fit", "zero") and not self.references.startswith("isolated:"):
+            raise ValueError(f"dataset {self.name!r}: references must be 'fit', 'zero' or 'isolated:<file>', "
+                             f"got {self.references!r}")
 
 
 @dataclass
@@ -195,3 +203,9 @@ def _key_hint(exc: OmegaConfBaseException) -> str:
 
 def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def record_list_defaults() -> dict[str, dict]:
+    """Dotted path -> the default fields of each record of that list (for resume comparisons)."""
+    item = yaml.safe_load(to_yaml(DatasetConfig()))
+    return {"data.datasets": item, "eval_datasets": item}

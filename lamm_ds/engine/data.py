@@ -3,6 +3,8 @@ batches (the scheduler's split of the step's mixture draws)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -34,10 +36,65 @@ def open_datasets(entries: list[DatasetConfig], demo_dir: str | None = None) -> 
     return out
 
 
-def fit_stats(dataset: LmdbDataset, max_z: int, samples: int, seed: int = 0) -> DatasetStats:
-    """References/normalisation from up to ``samples`` structures, chosen without decoding the rest."""
+def fit_stats(dataset: LmdbDataset, max_z: int, samples: int, seed: int = 0,
+              entry: DatasetConfig | None = None) -> DatasetStats:
+    """References/normalisation from up to ``samples`` structures, chosen without decoding the rest.
+    ``entry``: the dataset's config, whose ``references`` / ``reference_energies`` choose the E0s."""
     chosen = labelled_sample(dataset.index["has_energy"], dataset.index["has_forces"], samples, seed)
-    return fit_dataset_stats((dataset[int(k)] for k in chosen), max_z)
+    refs = None if entry is None else chosen_references(entry, dataset, max_z)
+    return fit_dataset_stats((dataset[int(k)] for k in chosen), max_z, refs)
+
+
+def chosen_references(entry: DatasetConfig, dataset: LmdbDataset, max_z: int) -> np.ndarray | None:
+    """Per-element reference energies set by the config (None: the least-squares fit). Every element
+    of the dataset must get one; errors name the dataset, the file and the elements."""
+    from ase.data import atomic_numbers, chemical_symbols
+
+    if entry.references == "fit" and not entry.reference_energies:
+        return None
+    given: dict[int, float] = {}
+    source = "reference_energies"
+    if entry.references == "fit":
+        raise ValueError(f"dataset {entry.name!r}: reference_energies needs references 'zero' or 'isolated:<file>' "
+                         "(with 'fit' the least-squares fit sets every element)")
+    if entry.references.startswith("isolated:"):
+        source = entry.references[len("isolated:"):]
+        given.update(isolated_atom_energies(source))
+    refs = np.zeros(max_z + 1)
+    for z, e in given.items():
+        if z <= max_z:
+            refs[z] = e
+    for symbol, e in entry.reference_energies.items():
+        z = atomic_numbers.get(str(symbol))
+        if z is None or z > max_z:
+            raise ValueError(f"dataset {entry.name!r}: reference_energies: {symbol!r} is not an element up to Z={max_z}")
+        refs[z], given[z] = float(e), float(e)
+    if entry.references != "zero":
+        missing = [int(z) for z in dataset.manifest["elements"] if int(z) not in given]
+        if missing:
+            names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
+            raise ValueError(f"dataset {entry.name!r}: no reference energy for {names} in {source}; add them there "
+                             "or under reference_energies")
+    return refs
+
+
+def isolated_atom_energies(path: str) -> dict[int, float]:
+    """Z -> energy (eV) of the single-atom structures of an ASE-readable file (MACE's E0s file habit)."""
+    from lamm_ds.ingest.readers import LabelKeys, iter_source
+
+    out: dict[int, float] = {}
+    for s in iter_source(Path(path), LabelKeys(allow_missing=True)):
+        if s.natoms != 1:
+            continue
+        if s.energy is None:
+            raise ValueError(f"{path}: structure {s.source_index} (a single {int(s.numbers[0])}-atom) has no energy")
+        z = int(s.numbers[0])
+        if z in out and out[z] != s.energy:
+            raise ValueError(f"{path}: two different energies for the isolated atom Z={z}: {out[z]} and {s.energy}")
+        out[z] = float(s.energy)
+    if not out:
+        raise ValueError(f"{path}: no single-atom structures with an energy (an isolated-atoms file was expected)")
+    return out
 
 
 def labelled_sample(has_energy: np.ndarray, has_forces: np.ndarray, samples: int, seed: int,

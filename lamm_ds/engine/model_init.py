@@ -23,7 +23,8 @@ def build_model(cfg: RunConfig, datasets) -> Potential:
     """A fresh model of the configured kind: references and normalisation fitted on each dataset,
     initial weights from ``cfg.seed``."""
     mcfg = model_config(cfg)
-    stats = {d.name: fit_stats(d, mcfg.max_z, cfg.data.stats_samples, cfg.seed) for d in datasets}
+    stats = {d.name: fit_stats(d, mcfg.max_z, cfg.data.stats_samples, cfg.seed, entry)
+             for entry, d in zip(cfg.data.datasets, datasets, strict=True)}
     torch.manual_seed(cfg.seed)
     return build_potential(cfg.model_kind, mcfg, [d.name for d in datasets], stats)
 
@@ -37,9 +38,9 @@ def build_or_init_model(cfg: RunConfig, datasets, rank: int) -> Potential:
     model = finetune_force_mode(model, ft.forces, ft.init, rank)
     if rank == 0:
         report_new_elements(model, datasets)
-    for d in datasets:
+    for entry, d in zip(cfg.data.datasets, datasets, strict=True):
         if d.name not in model.dataset_names:
-            stats = fit_stats(d, model.cfg.max_z, cfg.data.stats_samples, cfg.seed)
+            stats = fit_stats(d, model.cfg.max_z, cfg.data.stats_samples, cfg.seed, entry)
             model.add_dataset(d.name, stats, init_from=ft.head_init_from)
             if rank == 0:
                 log.info("fine-tuning: new head %r (references fitted on %s)", d.name, d.path)

@@ -67,6 +67,22 @@ class RunDirLock:
             self._fh = None
 
 
+def _fill_items(tree: dict, item_defaults: dict[str, dict]) -> dict:
+    """A copy of ``tree`` whose record lists (dotted path -> field defaults) have every field."""
+    import copy
+
+    tree = copy.deepcopy(tree)
+    for path, fields in item_defaults.items():
+        node = tree
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        items = node.get(last) if isinstance(node, dict) else None
+        if isinstance(items, list):
+            node[last] = [{**fields, **item} if isinstance(item, dict) else item for item in items]
+    return tree
+
+
 def _flatten(tree, prefix: str = "") -> dict[str, object]:
     if isinstance(tree, dict):
         out = {}
@@ -77,11 +93,16 @@ def _flatten(tree, prefix: str = "") -> dict[str, object]:
 
 
 def config_changes(stored: dict, current: dict, ignore: tuple[str, ...] = (),
-                   defaults: dict | None = None) -> list[tuple[str, object, object]]:
+                   defaults: dict | None = None,
+                   item_defaults: dict[str, dict] | None = None) -> list[tuple[str, object, object]]:
     """(dotted key, stored value, current value) for every key whose value differs.
 
     ``defaults``: a default config. A key the stored config lacks (a field added by a later lamm-ds)
-    whose current value is its default is no change: new fields default to the old behaviour."""
+    whose current value is its default is no change: new fields default to the old behaviour.
+    ``item_defaults``: for lists of records (``data.datasets``), the default of each record field;
+    stored records get the fields they lack filled in from it before comparing."""
+    if item_defaults:
+        stored = _fill_items(stored, item_defaults)
     a, b = _flatten(stored), _flatten(current)
     d = _flatten(defaults) if defaults is not None else {}
     changes = []
@@ -97,7 +118,8 @@ def config_changes(stored: dict, current: dict, ignore: tuple[str, ...] = (),
 
 
 def check_resume_config(run_dir: Path, config_yaml: str, ds_config: dict, allow_change: bool,
-                        step: int, defaults_yaml: str | None = None) -> list[tuple[str, object, object]]:
+                        step: int, defaults_yaml: str | None = None,
+                        item_defaults: dict[str, dict] | None = None) -> list[tuple[str, object, object]]:
     """Compare a resume's config with the one stored at the run's start.
 
     Differences outside :data:`OPERATIONAL_KEYS` raise :class:`ConfigChangedError` unless
@@ -114,7 +136,8 @@ def check_resume_config(run_dir: Path, config_yaml: str, ds_config: dict, allow_
         prefix = "" if name == CONFIG_FILE else "deepspeed_config:"
         changes += [(prefix + k, old, new) for k, old, new in
                     config_changes(stored, current, OPERATIONAL_KEYS if name == CONFIG_FILE else (),
-                                   yaml.safe_load(defaults_yaml) if defaults_yaml and name == CONFIG_FILE else None)]
+                                   yaml.safe_load(defaults_yaml) if defaults_yaml and name == CONFIG_FILE else None,
+                                   item_defaults if name == CONFIG_FILE else None)]
     if changes and not allow_change:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes[:12])
         more = f" (and {len(changes) - 12} more)" if len(changes) > 12 else ""

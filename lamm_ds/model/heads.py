@@ -104,12 +104,20 @@ def fit_normalization(
     return mean, std, fstd
 
 
-def fit_dataset_stats(structures: Iterable, max_z: int) -> DatasetStats:
-    """References + normalisation from ``lamm_ds.structure.Structure`` records (energy/forces may be None)."""
+def fit_dataset_stats(structures: Iterable, max_z: int, references: np.ndarray | None = None) -> DatasetStats:
+    """References + normalisation from ``lamm_ds.structure.Structure`` records (energy/forces may be None).
+
+    ``references``: per-element energies to use instead of the least-squares fit (the energy
+    normalisation is then fitted on the residuals they leave)."""
     structures = list(structures)
     numbers = [np.asarray(s.numbers) for s in structures]
     energies = np.array([np.nan if s.energy is None else s.energy for s in structures], dtype=np.float64)
-    refs = fit_element_references(numbers, energies, max_z)
+    if references is None:
+        refs = fit_element_references(numbers, energies, max_z)
+    else:
+        refs = np.asarray(references, dtype=np.float64).reshape(-1)
+        if refs.shape[0] != max_z + 1:
+            raise ValueError(f"references must have max_z + 1 = {max_z + 1} entries, got {refs.shape[0]}")
     mean, std, fstd = fit_normalization(numbers, energies, [s.forces for s in structures], refs)
     return DatasetStats(refs, mean, std, fstd)
 

@@ -469,3 +469,24 @@ def test_resume_accepts_fields_added_since_the_run_started():
     current["equiformer_v2"]["max_neighbors_strict"] = False
     assert config_changes(stored, current, defaults=defaults) == [
         ("equiformer_v2.max_neighbors_strict", "<absent>", False)]
+
+
+def test_resume_accepts_record_fields_added_since_the_run_started():
+    """The same for fields of list records (data.datasets entries gained references /
+    reference_energies): missing ones are their defaults; a real change is still one."""
+    from lamm_ds.engine.config import DatasetConfig, RunConfig, record_list_defaults, to_yaml
+    from lamm_ds.engine.rundir import config_changes
+
+    import yaml
+
+    cfg = RunConfig()
+    cfg.data.datasets = [DatasetConfig(name="a", path="data/a")]
+    current = yaml.safe_load(to_yaml(cfg))
+    stored = yaml.safe_load(to_yaml(cfg))
+    for entry in stored["data"]["datasets"]:
+        del entry["references"], entry["reference_energies"]
+    defaults = yaml.safe_load(to_yaml(RunConfig()))
+    assert config_changes(stored, current, defaults=defaults, item_defaults=record_list_defaults()) == []
+    assert config_changes(stored, current, defaults=defaults)  # without the record defaults: a change
+    current["data"]["datasets"][0]["references"] = "zero"
+    assert config_changes(stored, current, defaults=defaults, item_defaults=record_list_defaults())
