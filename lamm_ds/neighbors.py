@@ -208,9 +208,7 @@ def radius_graph(
         # rank of each edge within its centre's sorted list
         starts = np.searchsorted(i, i, side="left")
         rank = np.arange(len(i)) - starts
-        keep = rank < max_neighbors
-        if not strict:
-            keep = _non_strict_keep(i, dist[order], starts, rank, max_neighbors)
+        keep = rank < max_neighbors if strict else _non_strict_keep(i, dist[order], starts, rank, max_neighbors)
         i, j, s = i[keep], j[keep], s[keep]
     return Graph(i, j, s)
 

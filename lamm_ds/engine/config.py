@@ -209,3 +209,9 @@ def record_list_defaults() -> dict[str, dict]:
     """Dotted path -> the default fields of each record of that list (for resume comparisons)."""
     item = yaml.safe_load(to_yaml(DatasetConfig()))
     return {"data.datasets": item, "eval_datasets": item}
+
+
+def config_defaults() -> tuple[dict, dict[str, dict]]:
+    """(the default config as a tree, :func:`record_list_defaults`): what a resume compares missing
+    keys against (rundir.check_resume_config)."""
+    return yaml.safe_load(to_yaml(RunConfig())), record_list_defaults()

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from lamm_ds.engine.checkpoint import (LATEST, CheckpointError, latest_tag, load_checkpoint, save_checkpoint,
                                        verify_checkpoint)
-from lamm_ds.engine.config import ConfigError, RunConfig, load_config, record_list_defaults, to_yaml
+from lamm_ds.engine.config import ConfigError, RunConfig, config_defaults, load_config, to_yaml
 from lamm_ds.engine.curve import EvalCurve
 from lamm_ds.engine.data import open_datasets, step_loader
 from lamm_ds.engine.distributed import (RendezvousError, agree, leave_process_group, rendezvous_env,
@@ -138,8 +138,7 @@ def claim_run_dir(cfg: RunConfig, run_dir: Path, world: int, resume: bool, allow
             raise CheckpointError(f"{ckpt_root / LATEST}: no checkpoint to resume from")
         manifest = verify_checkpoint(ckpt_root, tag)
         changes = check_resume_config(run_dir, to_yaml(cfg), deepspeed_config(cfg, world), allow_config_change,
-                                      int(manifest["next_step"]), defaults_yaml=to_yaml(RunConfig()),
-                                      item_defaults=record_list_defaults())
+                                      int(manifest["next_step"]), *config_defaults())
         for key, old, new in changes:
             log.warning("resume with a changed config (--allow-config-change): %s: %r -> %r", key, old, new)
     elif (ckpt_root / LATEST).exists():

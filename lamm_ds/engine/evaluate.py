@@ -21,20 +21,23 @@ from lamm_ds.structure import Structure
 log = logging.getLogger("lamm_ds")
 
 
-def load_structures(source: str | Path) -> tuple[str, Sequence[Structure]]:
-    """(name, structures) from a lamm-ds dataset directory or an ASE-readable file."""
+def load_structures(source: str | Path, require_labels: bool = True) -> tuple[str, Sequence[Structure]]:
+    """(name, structures) from a lamm-ds dataset directory or an ASE-readable file (name: the
+    manifest's, or the file's stem). ``require_labels``: refuse input without energy or forces."""
     from lamm_ds.shards import LmdbDataset, is_dataset_dir
 
     if is_dataset_dir(source):
         ds = LmdbDataset(source)
         lc = ds.manifest["label_counts"]
-        if not (lc.get("energy") or lc.get("forces")):
+        if require_labels and not (lc.get("energy") or lc.get("forces")):
             raise ValueError(f"{source}: the dataset has no energy or force labels: nothing to score")
         return ds.name, ds
     from lamm_ds.ingest.readers import LabelKeys, iter_source, missing_labels_error
 
     structures = list(iter_source(Path(source), LabelKeys()))
-    if not any(s.energy is not None or s.forces is not None for s in structures):
+    if not structures:
+        raise ValueError(f"{source}: no structures")
+    if require_labels and not any(s.energy is not None or s.forces is not None for s in structures):
         # labels under other keys would otherwise give NaN errors with exit code 0
         raise ValueError(f"{missing_labels_error(Path(source), LabelKeys())} (evaluate reads the standard keys: "
                          "ingest the file with those flags and evaluate the dataset directory)")
@@ -175,9 +178,11 @@ def _predict(model, batch):
     return model(batch)
 
 
-def batch_outputs(model: Potential, chunk: Sequence[Structure], dataset_id: int, dtype, device,
+def batch_outputs(model: Potential, chunk: Sequence[Structure], dataset_id: int,
                   prepared: Sequence | None = None, check_finite: bool = True):
-    """(energy (B,), forces (N, 3), stress (B, 3, 3) or None) of ``chunk`` as float64 CPU tensors.
+    """(energy (B,) tensor, forces: one (n_atoms, 3) array per structure, stress (B, 3, 3) tensor or
+    None) of ``chunk``, float64 on the CPU, in the model's dtype (fp32 for a half-precision model)
+    and on its device.
 
     ``prepared``: graphs already built for the chunk at the model's cutoff (their dataset id is
     replaced). ``check_finite``: non-finite outputs raise ``ValueError`` naming the structure (a NaN
@@ -188,16 +193,17 @@ def batch_outputs(model: Potential, chunk: Sequence[Structure], dataset_id: int,
                   for s in chunk]
     else:
         graphs = [dataclasses.replace(g, dataset_id=dataset_id) for g in prepared]
-    out = _predict(model, collate(graphs, dtype).to(device))  # conservative models enable grad for -dE/dx
+    param = next(model.parameters())
+    dtype = torch.float32 if param.dtype in (torch.bfloat16, torch.float16) else param.dtype
+    out = _predict(model, collate(graphs, dtype).to(param.device))  # conservative models enable grad for -dE/dx
     energy = out["energy"].detach().double().cpu()
-    forces = out["forces"].detach().double().cpu()
+    offsets = np.concatenate([[0], np.cumsum([s.natoms for s in chunk])])
+    forces = np.split(out["forces"].detach().double().cpu().numpy(), offsets[1:-1])
     stress = out["stress"].detach().double().cpu() if "stress" in out else None
     if not check_finite:
         return energy, forces, stress
-    bad = ~torch.isfinite(energy)
-    offsets = np.concatenate([[0], np.cumsum([s.natoms for s in chunk])])
     for g in range(len(chunk)):
-        if bad[g] or not torch.isfinite(forces[offsets[g]:offsets[g + 1]]).all() or \
+        if not torch.isfinite(energy[g]) or not np.isfinite(forces[g]).all() or \
                 (stress is not None and not torch.isfinite(stress[g]).all()):
             s = chunk[g]
             raise ValueError(f"{s.source or 'input'}: structure {s.source_index}: the model predicts a non-finite "
@@ -253,17 +259,13 @@ def evaluate(model: Potential, structures: Sequence[Structure], head: str, batch
     was_training = model.training
     model.eval()
     dataset_id = model.dataset_index(head)
-    dtype = next(model.parameters()).dtype
-    dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-    device = next(model.parameters()).device
     errors: dict[str | None, dict[str, list]] = {}  # per config_type (None: all structures)
     preds = {"energy_true": [], "energy_pred": [], "natoms": [], "forces_true": [], "forces_pred": []}
     n = len(structures)
     for start in range(0, n, batch_size):
         chunk = [structures[k] for k in range(start, min(n, start + batch_size))]
         prepared = None if samples is None else [samples[k] for k in range(start, min(n, start + batch_size))]
-        energy, forces, _ = batch_outputs(model, chunk, dataset_id, dtype, device, prepared, check_finite)
-        offsets = np.concatenate([[0], np.cumsum([s.natoms for s in chunk])])
+        energy, forces, _ = batch_outputs(model, chunk, dataset_id, prepared, check_finite)
         for g, s in enumerate(chunk):
             groups = [errors.setdefault(None, _empty_errors())]
             if "config_type" in s.info:
@@ -279,7 +281,7 @@ def evaluate(model: Potential, structures: Sequence[Structure], head: str, batch
                 preds["energy_pred"].append(float(energy[g]))
                 preds["natoms"].append(s.natoms)
             if s.forces is not None:
-                fp = forces[offsets[g]:offsets[g + 1]].numpy()
+                fp = forces[g]
                 for err in groups:
                     err["forces"].append((fp - s.forces).reshape(-1))
                 preds["forces_true"].append(s.forces.reshape(-1))

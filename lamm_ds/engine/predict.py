@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from lamm_ds.engine.evaluate import batch_outputs, check_elements, choose_head
+from lamm_ds.engine.evaluate import batch_outputs, check_elements, choose_head, load_structures
 from lamm_ds.model.potential import Potential
 from lamm_ds.structure import Structure
 
@@ -32,21 +31,6 @@ class PredictReport:
     out: str
     structures: int
     per_source: dict[str, tuple[int, str]]  # source -> (structures, head)
-
-
-def load_inputs(source: str | Path) -> tuple[str | None, Sequence[Structure]]:
-    """(manifest name or None, structures) of a lamm-ds dataset directory or an ASE-readable file;
-    labels are optional here."""
-    from lamm_ds.ingest.readers import LabelKeys, iter_source
-    from lamm_ds.shards import LmdbDataset, is_dataset_dir
-
-    if is_dataset_dir(source):
-        ds = LmdbDataset(source)
-        return ds.name, ds
-    structures = list(iter_source(Path(source), LabelKeys()))
-    if not structures:
-        raise ValueError(f"{source}: no structures")
-    return None, structures
 
 
 def to_atoms(s: Structure, energy: float, forces: np.ndarray, stress: np.ndarray | None, head: str):
@@ -87,17 +71,18 @@ def predict_to_extxyz(model: Potential, sources: Sequence[str | Path], out: str 
     if out.exists() and not force:
         raise ValueError(f"{out} already exists; pass --force to replace it")
     inputs = []
+    from lamm_ds.shards import is_dataset_dir
+
     for source in sources:
-        name, structures = load_inputs(source)
-        chosen = choose_head(model, name, head, what=str(source), hint="pass --head NAME")
+        name, structures = load_structures(source, require_labels=False)
+        # only a lamm-ds dataset's manifest name may select a head: a file's stem says nothing
+        chosen = choose_head(model, name if is_dataset_dir(source) else None, head, what=str(source),
+                             hint="pass --head NAME")
         if not allow_unseen_elements:
             check_elements(model, chosen, structures, str(source), override="--allow-unseen-elements")
         inputs.append((str(source), structures, chosen))
     was_training = model.training
     model.eval()
-    dtype = next(model.parameters()).dtype
-    dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-    device = next(model.parameters()).device
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.predict-{os.getpid()}"
     per_source, total = {}, 0
@@ -108,10 +93,9 @@ def predict_to_extxyz(model: Potential, sources: Sequence[str | Path], out: str 
                 n = len(structures)
                 for start in range(0, n, batch_size):
                     chunk = [structures[k] for k in range(start, min(n, start + batch_size))]
-                    energy, forces, stress = batch_outputs(model, chunk, dataset_id, dtype, device)
-                    offsets = np.concatenate([[0], np.cumsum([s.natoms for s in chunk])])
-                    frames = [to_atoms(s, float(energy[g]), forces[offsets[g]:offsets[g + 1]].numpy(),
-                                       None if stress is None else stress[g].numpy(), chosen)
+                    energy, forces, stress = batch_outputs(model, chunk, dataset_id)
+                    frames = [to_atoms(s, float(energy[g]), forces[g], None if stress is None else stress[g].numpy(),
+                                       chosen)
                               for g, s in enumerate(chunk)]
                     ase.io.write(fh, frames, format="extxyz")
                 per_source[source] = (n, chosen)

@@ -118,7 +118,7 @@ def config_changes(stored: dict, current: dict, ignore: tuple[str, ...] = (),
 
 
 def check_resume_config(run_dir: Path, config_yaml: str, ds_config: dict, allow_change: bool,
-                        step: int, defaults_yaml: str | None = None,
+                        step: int, defaults: dict | None = None,
                         item_defaults: dict[str, dict] | None = None) -> list[tuple[str, object, object]]:
     """Compare a resume's config with the one stored at the run's start.
 
@@ -136,7 +136,7 @@ def check_resume_config(run_dir: Path, config_yaml: str, ds_config: dict, allow_
         prefix = "" if name == CONFIG_FILE else "deepspeed_config:"
         changes += [(prefix + k, old, new) for k, old, new in
                     config_changes(stored, current, OPERATIONAL_KEYS if name == CONFIG_FILE else (),
-                                   yaml.safe_load(defaults_yaml) if defaults_yaml and name == CONFIG_FILE else None,
+                                   defaults if name == CONFIG_FILE else None,
                                    item_defaults if name == CONFIG_FILE else None)]
     if changes and not allow_change:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes[:12])

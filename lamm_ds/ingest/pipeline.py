@@ -145,8 +145,7 @@ def _all_structures(files: list[Path], opts: IngestOptions, counter: list[int],
             if s.source != source:
                 finish(source, kinds, spec)
                 source, kinds = s.source, set()
-            kinds.update(k for k, v in (("energy", s.energy), ("forces", s.forces), ("stress", s.stress))
-                         if v is not None)
+            kinds |= _label_kinds([s])
             counter[0] += 1
             yield s
         finish(source, kinds, spec)
@@ -241,6 +240,7 @@ def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> In
         else:
             chunks = _chunks(_all_structures(files, opts, read, notes, specs), _CHUNK)
             results = ((_process(c, *args), None) for c in chunks)
+        spec_of = {str(f): spec for f, spec in zip(files, specs)}  # a worker's range names its file
         kinds: set[str] = set()
         range_read = 0  # not read[0]: the pool's feeder thread counts the other files there
         with tqdm(desc=f"ingest {opts.name}", unit=" structures", disable=not opts.progress,
@@ -251,7 +251,7 @@ def ingest(inputs: list[str], out: str | os.PathLike, opts: IngestOptions) -> In
                     range_read += n
                     kinds |= range_kinds
                     if last:
-                        _check_labels(source, kinds, resolve(Path(source), opts.format), opts, notes)
+                        _check_labels(source, kinds, spec_of[source], opts, notes)
                         kinds = set()
                 for item in result:
                     if item[0] == "error":
