@@ -77,3 +77,18 @@ def test_reference_errors_name_the_dataset_file_and_element(alloy):
         fit_stats(ds, MAX_Z, 100, entry=DatasetConfig(name="alloy", references="zero", reference_energies={"Xx": 1}))
     with pytest.raises(ValueError, match="no single-atom structures"):
         fit_stats(ds, MAX_Z, 100, entry=DatasetConfig(name="alloy", references=f"isolated:{root / 'alloy.xyz'}"))
+
+
+def test_isolated_atoms_file_faults_name_the_file(alloy, tmp_path):
+    root, ds, e0 = alloy
+    cu = Atoms("Cu", positions=[[0, 0, 0]], cell=[20, 20, 20])
+    unlabelled = tmp_path / "no_energy.xyz"
+    ase.io.write(unlabelled, [_labelled(Atoms("Al", positions=[[0, 0, 0]], cell=[20, 20, 20])), cu])
+    with pytest.raises(ValueError, match=r"no_energy\.xyz: structure 1 .* has no energy"):
+        fit_stats(ds, MAX_Z, 100, entry=DatasetConfig(name="alloy", references=f"isolated:{unlabelled}"))
+    twice = tmp_path / "twice.xyz"
+    other = _labelled(Atoms("Cu", positions=[[0, 0, 0]], cell=[20, 20, 20]))
+    other.calc.results["energy"] += 0.5
+    ase.io.write(twice, [_labelled(cu.copy()), other])
+    with pytest.raises(ValueError, match=r"twice\.xyz: two different energies for the isolated atom Z=29"):
+        fit_stats(ds, MAX_Z, 100, entry=DatasetConfig(name="alloy", references=f"isolated:{twice}"))
