@@ -41,7 +41,7 @@ from torch import nn
 
 from lamm_ds.graphs.batch import AtomsBatch
 from lamm_ds.model.heads import DatasetStats, StatsBuffers
-from lamm_ds.model.numerics import FORCE_MODES, PreciseBuffers, geometry_dtype
+from lamm_ds.model.numerics import FORCE_MODES, PreciseBuffers, gaussian, geometry_dtype
 from lamm_ds.model.potential import Potential
 from lamm_ds.model.so3 import EdgeRotation, S2Grid, SO3Layout, SO3Linear, edge_frames, grid_silu, make_norm
 
@@ -151,7 +151,7 @@ def gaussian_basis(r: torch.Tensor, cutoff: float, num: int, width: float) -> to
     """exp(-(r - mu_k)^2 / (2 (width * spacing)^2)), mu_k = linspace(0, cutoff, num); in r's dtype."""
     mu = torch.linspace(0.0, cutoff, num, dtype=torch.float64)
     coeff = -0.5 / (width * float(mu[1] - mu[0])) ** 2
-    return torch.exp(coeff * (r.unsqueeze(-1) - mu.to(device=r.device, dtype=r.dtype)) ** 2)
+    return gaussian(coeff * (r.unsqueeze(-1) - mu.to(device=r.device, dtype=r.dtype)) ** 2)
 
 
 class RadialMLP(nn.Module):

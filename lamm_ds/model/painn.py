@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lamm_ds.graphs.batch import AtomsBatch
-from lamm_ds.model.numerics import FORCE_MODES, geometry_dtype
+from lamm_ds.model.numerics import FORCE_MODES, gaussian, geometry_dtype
 
 RBF_KINDS = ("gaussian", "sinc")
 
@@ -81,7 +81,7 @@ class RadialBasis(nn.Module):
         if self.kind == "gaussian":
             centers = torch.linspace(0.0, rc, self.num_rbf, device=r.device, dtype=r.dtype)
             coeff = -0.5 / (rc / (self.num_rbf - 1)) ** 2
-            basis = torch.exp(coeff * (r.unsqueeze(-1) - centers) ** 2)
+            basis = gaussian(coeff * (r.unsqueeze(-1) - centers) ** 2)
         else:
             n = torch.arange(1, self.num_rbf + 1, device=r.device, dtype=r.dtype) * (math.pi / rc)
             basis = torch.sin(r.unsqueeze(-1) * n) / r.unsqueeze(-1)
