@@ -56,7 +56,7 @@ def machine(threads: int | None = None) -> dict:
         return {**info, "torch": None, "torch_threads": threads, "gpus": []}
     gpus = [torch.cuda.get_device_name(k) for k in range(torch.cuda.device_count())] \
         if torch.cuda.is_available() else []
-    return {**info, "torch": torch.__version__,
+    return {**info, "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_threads": torch.get_num_threads() if threads is None else threads, "gpus": gpus}
 
 

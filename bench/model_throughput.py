@@ -21,12 +21,22 @@ Batches (real structures): 32 acetylacetone molecules from ``../shared/data/acac
 (480 atoms, non-periodic, DFT labels) and 4 rattled periodic fcc cells (Cu, Al, Ni, Ag, 3x3x3
 cubic, 432 atoms, ``ase.build.bulk``, EMT labels).
 
-Figures: atoms/s = atoms in the batch / median seconds per step over alternating rounds (the four
-models in a rotating order, each repeated to last about ``--pass-seconds`` per round); peak memory
+Figures: atoms/s = atoms in the batch / median seconds per step over alternating rounds (the
+models in a rotating order, each repeated to last about ``--pass-seconds`` per round); the spread
+of a ratio is the range of its per-round values (ours and the reference timed in the same round)
+over their median. Peak memory
 = the highest net CPU memory the step allocates on top of what existed before it (parameters,
 batch), from the allocation events of ``torch.profiler`` (``profile_memory=True``), measured in
 separate alternating passes so the profiler does not distort the timings. Everything runs in this
 one process with one intra-op thread (``--threads``).
+
+Subnormal floats: x86 arithmetic on subnormal (denormal) floats is 20-40x slower, and the far tails
+of a narrow Gaussian radial basis reach them. Ours cuts its basis below exp(-36)
+(``lamm_ds.model.numerics.gaussian``); SchNetPack's GaussianRBF does not. So that the headline
+ratio is not only that, every case is also timed with flush-to-zero on for both models
+(``torch.set_flush_denormal(True)``, which a user can set; ``ours_ftz``/``ref_ftz``), and the JSON
+reports both ratios: ``ours_atoms_per_s/ref`` (torch defaults) and ``ours_ftz_atoms_per_s/ref_ftz``.
+``--no-ftz`` leaves the second pair out.
 
 The reference is an optional dependency (SchNetPack 2.1 pins ``sympy<=1.12``, which would make pip
 pull another torch, so it is installed without its dependency resolution plus the few pure-Python
@@ -46,7 +56,7 @@ SchNetPack the benchmark prints a message and a JSON line with ``"skipped": true
 The last stdout line is one JSON object, ratios first: ``ours_atoms_per_s/ref`` (above 1: ours is
 faster) and ``ours_peak_mem/ref`` (below 1: ours needs less memory), per ``system/forces`` case;
 it is also written to ``bench/results/model_throughput.json``. Target: speed ratio >= 1.2 with
-memory ratio <= 1.0 in every case.
+memory ratio <= 1.0 in every case, with and without flush-to-zero.
 """
 
 from __future__ import annotations
@@ -173,8 +183,31 @@ def build_ours(hidden: int, layers: int, num_rbf: int, cutoff: float, max_neighb
     return Potential(cfg, ["bench"], {"bench": stats})
 
 
+class FlushToZero:
+    """Context: subnormal floats flushed to zero (and read as zero) while inside, off again after."""
+
+    def __enter__(self):
+        import torch
+
+        torch.set_flush_denormal(True)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_flush_denormal(False)
+
+
 def train_step(model, batch) -> float:
-    """One forward + backward of the same loss for every model; returns the loss (a sanity check)."""
+    """One forward + backward of the same loss for every model; returns the loss (a sanity check).
+
+    A model with ``flush_denormal = True`` set on it runs its whole step under :class:`FlushToZero`."""
+    if getattr(model, "flush_denormal", False):
+        with FlushToZero():
+            return _train_step(model, batch)
+    return _train_step(model, batch)
+
+
+def _train_step(model, batch) -> float:
     out = model(batch)
     e_err = (out["energy"] - batch.energy) / batch.natoms
     loss = e_err.square().mean() + (out["forces"] - batch.forces).square().mean()
@@ -195,6 +228,24 @@ def n_params(model) -> int:
 
 # ------------------------------------------------------------------------------------------- main
 
+class _Flushing:
+    """The same model (same parameters), stepped under :class:`FlushToZero`."""
+
+    flush_denormal = True
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, batch):
+        return self.model(batch)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def train(self):
+        self.model.train()
+
+
 def run_case(models: dict, batch, rounds: int, pass_seconds: float, mem_rounds: int) -> dict:
     names = list(models)
     for name in names:  # warm-up (allocator, first-call paths) and repetitions per timed pass
@@ -202,7 +253,7 @@ def run_case(models: dict, batch, rounds: int, pass_seconds: float, mem_rounds: 
     reps = {}
     for name in names:
         reps[name] = repeats_for(timed(train_step, models[name], batch), pass_seconds)
-    samples = {n: [] for n in names}
+    samples = {n: [] for n in names}  # per round, so ratios of one round compare like with like
     losses = {}
     for r in range(rounds):
         for name in rotated(names, r):
@@ -214,9 +265,18 @@ def run_case(models: dict, batch, rounds: int, pass_seconds: float, mem_rounds: 
     for r in range(mem_rounds):
         for name in rotated(names, r):
             mem[name].append(peak_step_bytes(models[name], batch))
-    return {n: {"s_per_step": statistics.median(samples[n]), "atoms_per_s": batch.num_atoms / statistics.median(samples[n]),
-                "peak_mem_mb": statistics.median(mem[n]) / 2**20, "loss": losses[n],
-                "spread": (max(samples[n]) - min(samples[n])) / statistics.median(samples[n])} for n in names}
+    out = {n: {"s_per_step": statistics.median(samples[n]), "atoms_per_s": batch.num_atoms / statistics.median(samples[n]),
+               "peak_mem_mb": statistics.median(mem[n]) / 2**20, "loss": losses[n],
+               "spread": (max(samples[n]) - min(samples[n])) / statistics.median(samples[n])} for n in names}
+    return out, samples
+
+
+def ratio_over_rounds(samples: dict, ours: str, ref: str) -> dict:
+    """Speed ratio ours/ref per round (same round, alternated): median, min, max, spread."""
+    per_round = [r / o for o, r in zip(samples[ours], samples[ref])]
+    med = statistics.median(per_round)
+    return {"median": round(med, 3), "min": round(min(per_round), 3), "max": round(max(per_round), 3),
+            "spread": round((max(per_round) - min(per_round)) / med, 3)}
 
 
 def main(argv=None) -> dict:
@@ -232,6 +292,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--pass-seconds", type=float, default=1.0, help="minimum duration of one timed pass")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-ftz", action="store_true",
+                        help="leave out the flush-to-zero pair (ours_ftz/ref_ftz)")
     parser.add_argument("--with-unfused", action="store_true",
                         help="also time ours with model.fused_messages=false (diagnostic; reported in details only)")
     args = parser.parse_args(argv)
@@ -257,7 +319,7 @@ def main(argv=None) -> dict:
     systems["periodic_fcc"] = periodic_structures(args.seed)
 
     hp = dict(hidden=args.hidden, layers=args.layers, num_rbf=args.num_rbf, cutoff=args.cutoff)
-    ratios_speed, ratios_mem, details, params = {}, {}, {}, {}
+    ratios_speed, ratios_ftz, ratios_mem, details, params = {}, {}, {}, {}, {}
     for system, structures in systems.items():
         batch = make_batch(structures, args.cutoff, args.max_neighbors)
         stats = fit_dataset_stats(structures, 100)
@@ -266,38 +328,50 @@ def main(argv=None) -> dict:
             torch.manual_seed(args.seed)
             models = {"ours": build_ours(**hp, max_neighbors=args.max_neighbors, forces=forces, stats=stats),
                       "ref": build_reference(spk, **hp, forces=forces, energy_per_atom=per_atom)}
+            if not args.no_ftz:  # the same two models again, timed with subnormals flushed to zero
+                models["ours_ftz"], models["ref_ftz"] = _Flushing(models["ours"]), _Flushing(models["ref"])
             if args.with_unfused:
                 models["ours_unfused"] = build_ours(**hp, max_neighbors=args.max_neighbors, forces=forces,
                                                     stats=stats, fused=False)
             for m in models.values():
                 m.train()
-            params[forces] = {n: n_params(m) for n, m in models.items() if n != "ours_unfused"}
-            res = run_case(models, batch, args.rounds, args.pass_seconds, args.mem_rounds)
+            params[forces] = {n: n_params(models[n]) for n in ("ours", "ref")}
+            res, samples = run_case(models, batch, args.rounds, args.pass_seconds, args.mem_rounds)
             key = f"{system}/{forces}"
             ratios_speed[key] = round(res["ours"]["atoms_per_s"] / res["ref"]["atoms_per_s"], 3)
             ratios_mem[key] = round(res["ours"]["peak_mem_mb"] / res["ref"]["peak_mem_mb"], 3)
+            rounds = {"ours/ref": ratio_over_rounds(samples, "ours", "ref")}
+            if not args.no_ftz:
+                ratios_ftz[key] = round(res["ours_ftz"]["atoms_per_s"] / res["ref_ftz"]["atoms_per_s"], 3)
+                rounds["ours_ftz/ref_ftz"] = ratio_over_rounds(samples, "ours_ftz", "ref_ftz")
             details[key] = {"atoms": batch.num_atoms, "edges": batch.num_edges, "graphs": batch.num_graphs,
+                            "ratio_over_rounds": rounds,
                             **{n: {k: round(v, 4) for k, v in r.items()} for n, r in res.items()}}
             print(f"{key:30s} atoms {batch.num_atoms:4d} edges {batch.num_edges:6d} | "
                   f"ours {res['ours']['atoms_per_s']:8.0f} atoms/s {res['ours']['peak_mem_mb']:7.1f} MiB | "
                   f"ref {res['ref']['atoms_per_s']:8.0f} atoms/s {res['ref']['peak_mem_mb']:7.1f} MiB | "
                   f"speed x{ratios_speed[key]:.2f} mem x{ratios_mem[key]:.2f}"
+                  + (f" | ftz speed x{ratios_ftz[key]:.2f}" if key in ratios_ftz else "")
                   + (f" | ours_unfused {res['ours_unfused']['atoms_per_s']:8.0f} atoms/s "
                      f"{res['ours_unfused']['peak_mem_mb']:7.1f} MiB" if "ours_unfused" in res else ""), file=sys.stderr)
 
+    ratios = {"ours_atoms_per_s/ref": ratios_speed}
+    if ratios_ftz:
+        ratios["ours_ftz_atoms_per_s/ref_ftz"] = ratios_ftz
+    ratios["ours_peak_mem/ref"] = ratios_mem
+    ratios["geomean"] = {name: round(geomean(r.values()), 3) for name, r in ratios.items()}
     result = {
-        "ratios": {"ours_atoms_per_s/ref": ratios_speed, "ours_peak_mem/ref": ratios_mem,
-                   "geomean": {"ours_atoms_per_s/ref": round(geomean(ratios_speed.values()), 3),
-                               "ours_peak_mem/ref": round(geomean(ratios_mem.values()), 3)}},
+        "ratios": ratios,
         "target": {"min_speedup": TARGET_SPEEDUP, "max_mem_ratio": TARGET_MEMORY,
-                   "met": {k: bool(ratios_speed[k] >= TARGET_SPEEDUP and ratios_mem[k] <= TARGET_MEMORY)
-                           for k in ratios_speed}},
+                   "met": {k: bool(ratios_speed[k] >= TARGET_SPEEDUP and ratios_ftz.get(k, TARGET_SPEEDUP) >= TARGET_SPEEDUP
+                                   and ratios_mem[k] <= TARGET_MEMORY) for k in ratios_speed}},
         "details": details,
         "config": {**hp, "max_neighbors": args.max_neighbors, "rbf": "gaussian + cosine cutoff",
                    "step": "forward + backward of MSE(E/atom) + MSE(F), no optimiser step",
                    "reference": f"schnetpack {spk.__version__} PaiNN + Atomwise (+ gated equivariant force head)",
                    "parameters": params, "rounds": args.rounds, "mem_rounds": args.mem_rounds,
-                   "pass_seconds": args.pass_seconds, "threads": args.threads},
+                   "pass_seconds": args.pass_seconds, "threads": args.threads,
+                   "flush_to_zero_pair": not args.no_ftz},
         "env": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                 "cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": load_1min(),
                 "seconds": round(time.perf_counter() - start, 1)},
