@@ -49,3 +49,14 @@ def test_gaussian_gradients_stay_finite_and_zero_in_the_cut_tail():
     assert g[0] == 0 and torch.allclose(g[1:], torch.exp(x[1:]))
     (gg,) = torch.autograd.grad(g.sum(), x)
     assert torch.isfinite(gg).all() and gg[0] == 0
+
+
+def test_permute_rows_gradients_match_index_select_to_second_order():
+    from lamm_ds.model.so3 import permute_rows
+
+    perm = torch.tensor([2, 0, 3, 1])
+    inverse = torch.argsort(perm)
+    x = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(permute_rows(x, perm, inverse), x.index_select(1, perm))
+    torch.autograd.gradcheck(lambda t: permute_rows(t, perm, inverse), (x,))
+    torch.autograd.gradgradcheck(lambda t: permute_rows(t, perm, inverse) ** 2, (x,))

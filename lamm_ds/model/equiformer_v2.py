@@ -236,29 +236,32 @@ class SO2Convolution(nn.Module):
             self.rad_func = RadialMLP([*rad_channels, total])
 
     def forward(self, x: torch.Tensor, edge_scalars: torch.Tensor | None):
+        # One split per tensor instead of slices: the backward of a split is one cat of the
+        # pieces' gradients, that of each slice a zero-filled copy of the whole edge tensor.
         e = x.shape[0]
         L = self.layout.lmax
-        rad = self.rad_func(edge_scalars) if self.rad_func is not None else None
-        x0 = x[:, :L + 1].reshape(e, (L + 1) * self.in_ch)
-        off = x0.shape[1]
+        orders = range(1, self.layout.mmax + 1)
+        x_m = x.split([L + 1] + [self.layout.m_slices[m][1] for m in orders], dim=1)
+        rad = None
+        if self.rad_func is not None:
+            rad = self.rad_func(edge_scalars).split(
+                [(L + 1) * self.in_ch] + [self.layout.m_slices[m][1] // 2 * self.in_ch for m in orders], dim=1)
+        x0 = x_m[0].reshape(e, (L + 1) * self.in_ch)
         if rad is not None:
-            x0 = x0 * rad[:, :off]
+            x0 = x0 * rad[0]
         y0 = self.fc_m0(x0)
-        extra = y0[:, :self.extra_m0] if self.extra_m0 else None
-        outs = [y0[:, self.extra_m0:].reshape(e, L + 1, self.out_ch)]
-        for m, conv in enumerate(self.so2_m_conv, start=1):
-            start, size = self.layout.m_slices[m]
-            n = size // 2
-            xm = x[:, start:start + size].reshape(e, 2, n * self.in_ch)  # (+m rows | -m rows)
+        extra, y0 = y0.split([self.extra_m0, y0.shape[1] - self.extra_m0], dim=1)
+        extra = extra if self.extra_m0 else None
+        outs = [y0.reshape(e, L + 1, self.out_ch)]
+        for m, conv in zip(orders, self.so2_m_conv):
+            n = self.layout.m_slices[m][1] // 2
+            xm = x_m[m].reshape(e, 2, n * self.in_ch)  # (+m rows | -m rows)
             if rad is not None:
-                xm = xm * rad[:, None, off:off + n * self.in_ch]
-                off += n * self.in_ch
-            ym = conv.fc(xm)
-            half = n * self.out_ch
-            re, im = ym[..., :half], ym[..., half:]
-            plus = re[:, 0] - im[:, 1]
-            minus = re[:, 1] + im[:, 0]
-            outs.append(torch.stack([plus, minus], dim=1).reshape(e, 2 * n, self.out_ch))
+                xm = xm * rad[m].unsqueeze(1)
+            re, im = conv.fc(xm).split(n * self.out_ch, dim=-1)
+            re_plus, re_minus = re.unbind(1)
+            im_plus, im_minus = im.unbind(1)
+            outs.append(torch.stack([re_plus - im_minus, re_minus + im_plus], dim=1).reshape(e, 2 * n, self.out_ch))
         return torch.cat(outs, dim=1), extra
 
 

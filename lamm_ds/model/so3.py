@@ -142,6 +142,30 @@ def wigner_blocks(frames: torch.Tensor, lmax: int) -> list[torch.Tensor]:
     return blocks
 
 
+
+class _PermuteRows(torch.autograd.Function):
+    """``x.index_select(1, perm)`` for a permutation, whose gradient is the inverse permutation.
+
+    Autograd's index_select backward zero-fills a tensor the size of ``x`` and scatters into it;
+    for a permutation one gather with the inverse does the same, with no fill and no scatter.
+    Differentiable to any order (the backward is this function again).
+    """
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(perm, inverse)
+        return x.index_select(1, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        perm, inverse = ctx.saved_tensors
+        return _PermuteRows.apply(grad, inverse, perm), None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Rows (dim 1) of ``x`` reordered by the permutation ``perm``; ``inverse`` is its inverse."""
+    return _PermuteRows.apply(x, perm, inverse)
+
 class EdgeRotation:
     """Per-degree Wigner rows of the edge frames, and the rotations in and out of the edge frame.
 
@@ -167,23 +191,19 @@ class EdgeRotation:
     def to_edge(self, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         """Gather [x_src | x_dst] per edge and rotate into the edge frame: (E, R, 2C), m-primary."""
         parts = []
-        for l, d in enumerate(self.rows):
-            xl = x[:, l * l:(l + 1) * (l + 1)]
+        for d, xl in zip(self.rows, x.split(_degree_sizes(self.layout.lmax), dim=1)):
             g = torch.cat([xl.index_select(0, src), xl.index_select(0, dst)], dim=2)
             parts.append(torch.bmm(d, g))
         lprim = torch.cat(parts, dim=1)
-        _, m_to_l = self._perm(x.device)
-        return lprim.index_select(1, m_to_l)
+        l_to_m, m_to_l = self._perm(x.device)
+        return permute_rows(lprim, m_to_l, l_to_m)
 
     def from_edge_sum(self, y: torch.Tensor, dst: torch.Tensor, num_nodes: int) -> torch.Tensor:
         """Rotate m-primary edge-frame features (E, R, C) back and sum them onto ``dst``: (N, (L+1)^2, C)."""
-        l_to_m, _ = self._perm(y.device)
-        y = y.index_select(1, l_to_m)  # l-primary reduced
-        out, start = [], 0
-        for l, d in enumerate(self.rows):
-            r = d.shape[1]
-            yl = y[:, start:start + r]
-            start += r
+        l_to_m, m_to_l = self._perm(y.device)
+        y = permute_rows(y, l_to_m, m_to_l)  # l-primary reduced
+        out = []
+        for l, (d, yl) in enumerate(zip(self.rows, y.split([d.shape[1] for d in self.rows], dim=1))):
             scale = self.layout.inv_scale[l]
             dt = d.transpose(1, 2)
             if scale != 1.0:
@@ -347,10 +367,16 @@ class SO3Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [torch.nn.functional.linear(x[:, :1], self.weight[0], self.bias)]
+        x_l = x.split(_degree_sizes(self.lmax), dim=1)
+        outs = [torch.nn.functional.linear(x_l[0], self.weight[0], self.bias)]
         for l in range(1, self.lmax + 1):
-            outs.append(torch.nn.functional.linear(x[:, l * l:(l + 1) * (l + 1)], self.weight[l]))
+            outs.append(torch.nn.functional.linear(x_l[l], self.weight[l]))
         return torch.cat(outs, dim=1)
+
+
+def _degree_sizes(lmax: int) -> list[int]:
+    """Rows of each degree l = 0..lmax in full (L+1)^2 features: 1, 3, 5, ..."""
+    return [2 * l + 1 for l in range(lmax + 1)]
 
 
 def _degree_expand(lmax: int, start: int = 0) -> list[int]:
