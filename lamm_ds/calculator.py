@@ -98,11 +98,11 @@ class LammCalculator(Calculator):
             ref = next(model.parameters())
             same_device = ref.device.type == self.device.type and self.device.index in (None, ref.device.index)
             if ref.dtype != self.dtype or not same_device:
-                model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
+                model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype).eval()  # our copy
         elif isinstance(model, (str, os.PathLike)):
             from lamm_ds.engine.export import load_model
 
-            model = load_model(model, device=self.device).to(dtype=self.dtype)
+            model = load_model(model, device=self.device).to(dtype=self.dtype).eval()
         else:
             raise TypeError(f"model must be a path to an exported model or a Potential, got {type(model).__name__}")
         self.model: Potential = model
@@ -190,7 +190,8 @@ class LammCalculator(Calculator):
     def _forward(self, sample) -> dict[str, torch.Tensor]:
         model = self.model
         was_training = model.training
-        model.eval()
+        if was_training:  # eval()/train() walk every submodule: only when the mode must change
+            model.eval()
         try:
             # Conservative forces/stress are autograd derivatives taken inside Potential.forward, so
             # grad stays on, also when the caller runs under no_grad or inference_mode (the batch is
@@ -202,7 +203,8 @@ class LammCalculator(Calculator):
             with torch.no_grad():
                 return model(collate([sample], dtype=self.dtype).to(device=self.device))
         finally:
-            model.train(was_training)
+            if was_training:
+                model.train()
 
     # -- ASE interface -----------------------------------------------------------------------------
 

@@ -22,8 +22,10 @@ def gaussian(exponent: torch.Tensor) -> torch.Tensor:
     forces) that much slower. Cutting the tail where it is below the fp64 epsilon changes no value
     that any float format can resolve next to the basis' O(1) entries.
     """
-    return torch.where(exponent >= _GAUSSIAN_FLOOR, torch.exp(exponent), torch.zeros((), dtype=exponent.dtype,
-                                                                                      device=exponent.device))
+    # exp of the clamped exponent: the masked-out entries are not subnormal either, so neither the
+    # forward nor the backward (d exp = exp * grad) ever touches one
+    value = torch.exp(exponent.clamp_min(_GAUSSIAN_FLOOR))
+    return torch.where(exponent >= _GAUSSIAN_FLOOR, value, torch.zeros((), dtype=value.dtype, device=value.device))
 
 
 def geometry_dtype(dtype: torch.dtype) -> torch.dtype:
