@@ -4,11 +4,14 @@ Each calculator drives the same NVE run (ASE ``VelocityVerlet``, 0.5 fs, the sam
 and velocities): one step = one new geometry = neighbour list + energy + conservative forces, what
 a user's MD costs. Figures are MD steps per second, medians over alternating rounds (calculators
 in a rotating order, each round a fresh copy of the starting atoms, steps per pass sized to last
-about ``--pass-seconds``), one intra-op thread (``--threads``), float32 everywhere.
+about ``--pass-seconds``), one intra-op thread (``--threads``), float32 everywhere, on the CPU
+(``--device cuda``: all calculators on the GPU; ASE's integrator stays on the host, as in a user's run).
 
 * ours: ``lamm_ds.calculator.LammCalculator`` loading an exported model file (what a user runs) of a
   PaiNN ``Potential`` with conservative forces (hidden 128, 3 layers, 20 Gaussians, cosine cutoff
   5 Å: the PaiNN paper's size), no neighbour cap;
+* ours compiled: the same with ``LammCalculator(..., compile=True)`` (``torch.compile``, inductor);
+  its compilation happens in the warm-up and is reported apart (``first_steps_with_compile_s``);
 * SchNetPack 2.1.1: ``schnetpack.interfaces.SpkCalculator`` around a ``NeuralNetworkPotential`` with
   its PaiNN of the same hyperparameters, ``Atomwise`` energy and ``Forces`` (autograd), its
   ``MatScipyNeighborList`` (its fastest CPU list) — the model is handed over in memory (a subclass
@@ -25,13 +28,13 @@ ethanol (9 atoms, ASE g2).
 The optional references: SchNetPack as in ``bench/model_throughput.py``; mace-torch with
 ``pip install -c <(echo torch==2.13.0) mace-torch`` and then ``pip install "e3nn>=0.5"`` again
 (mace-torch pins e3nn 0.4.4; lamm-ds needs >= 0.5; MACE runs with it). A missing reference is
-left out (noted in the JSON); with neither, the benchmark prints ``"skipped": true``.
+left out (noted in the JSON); with neither, only ours are timed (steps/s, no ratios).
 
     .venv/bin/python bench/calculator_speed.py          # ~2 minutes
 
-The last stdout line is one JSON object, ratios first: ``ours_steps_per_s/<reference>`` per
-system (above 1: ours is faster); also written to ``bench/results/calculator_speed.json``.
-Target: >= 1.0 against MACE on both systems.
+The last stdout line is one JSON object, ratios first: ``ours_steps_per_s/<reference>`` and
+``ours_compiled_steps_per_s/<reference>`` per system (above 1: ours is faster); also written to ``bench/results/calculator_speed.json``.
+Target: >= 1.0 against MACE on both systems (eager, without compile).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import RESULTS, geomean, load_1min, machine, repeats_for, rotated, skip, write_result
+from _common import RESULTS, geomean, load_1min, machine, repeats_for, rotated, write_result
 
 TARGET_VS_MACE = 1.0
 CUTOFF = 5.0
@@ -71,7 +74,7 @@ def systems() -> dict:
 ELEMENTS = [1, 6, 8, 14]  # H, C, O, Si
 
 
-def ours_calculator():
+def ours_calculator(device: str = "cpu"):
     import torch
 
     from lamm_ds.calculator import LammCalculator
@@ -86,10 +89,11 @@ def ours_calculator():
     n = sum(p.numel() for p in model.parameters())
     # the user's path: an exported model file, loaded by the calculator
     path = export_model(model, Path(tempfile.mkdtemp(prefix="lamm_calc_bench_")) / "model.safetensors")
-    return LammCalculator(path, device="cpu", dtype=torch.float32), n
+    return (LammCalculator(path, device=device, dtype=torch.float32),
+            LammCalculator(path, device=device, dtype=torch.float32, compile=True), n)
 
 
-def schnetpack_calculator():
+def schnetpack_calculator(device: str = "cpu"):
     import torch
 
     from model_throughput import _import_schnetpack
@@ -113,11 +117,11 @@ def schnetpack_calculator():
     n = sum(p.numel() for p in model.parameters())
     calc = InMemorySpkCalculator(model, neighbor_list=spk.transform.MatScipyNeighborList(cutoff=CUTOFF),
                                  energy_key="energy", force_key="forces", energy_unit="eV", position_unit="Ang",
-                                 device="cpu", dtype=torch.float32)
+                                 device=device, dtype=torch.float32)
     return calc, n, spk.__version__
 
 
-def mace_calculator():
+def mace_calculator(device: str = "cpu"):
     import torch
     from e3nn import o3
     from mace import modules
@@ -133,7 +137,7 @@ def mace_calculator():
     n = sum(p.numel() for p in model.parameters())
     import mace
 
-    return MACECalculator(models=model, device="cpu", default_dtype="float32"), n, getattr(mace, "__version__", "?")
+    return MACECalculator(models=model.to(device), device=device, default_dtype="float32"), n, getattr(mace, "__version__", "?")
 
 
 def md_steps(calc, start, steps: int) -> float:
@@ -158,6 +162,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--pass-seconds", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (all calculators)")
+    p.add_argument("--out", default=str(RESULTS / "calculator_speed.json"))
+    p.add_argument("--no-compile", action="store_true", help="leave out ours with compile=True")
     args = p.parse_args(argv)
 
     import torch
@@ -166,24 +173,30 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     load_start = load_1min()
     calcs, params, notes, versions = {}, {}, {}, {}
-    calcs["ours"], params["ours"] = ours_calculator()
+    calcs["ours"], compiled, params["ours"] = ours_calculator(args.device)
+    if not args.no_compile:
+        calcs["ours_compiled"] = compiled
     try:
-        calcs["schnetpack"], params["schnetpack"], versions["schnetpack"] = schnetpack_calculator()
+        calcs["schnetpack"], params["schnetpack"], versions["schnetpack"] = schnetpack_calculator(args.device)
     except Exception as exc:  # not installed, or a version that does not import here
         notes["schnetpack"] = f"left out: {type(exc).__name__}: {exc}"
     try:
-        calcs["mace"], params["mace"], versions["mace"] = mace_calculator()
+        calcs["mace"], params["mace"], versions["mace"] = mace_calculator(args.device)
     except Exception as exc:
         notes["mace"] = f"left out: {type(exc).__name__}: {exc}"
-    if len(calcs) == 1:
-        skip(f"no reference calculator importable: {notes}")
+    # without any reference (e.g. a bare GPU machine) ours are still timed: steps/s, no ratios
 
     names = list(calcs)
-    ratios = {f"ours_steps_per_s/{ref}": {} for ref in names[1:]}
+    refs = [n for n in names if not n.startswith("ours")]
+    ratios = {f"{ours}_steps_per_s/{ref}": {} for ours in names if ours.startswith("ours") for ref in refs}
     details = {}
     for system, atoms in systems().items():
-        for name in names:  # warm-up
+        compile_s = None
+        for name in names:  # warm-up (the compiled calculator compiles here: timed apart)
+            t0 = time.perf_counter()
             md_steps(calcs[name], atoms, 3)
+            if name == "ours_compiled":
+                compile_s = round(time.perf_counter() - t0, 1)
         reps = {name: repeats_for(md_steps(calcs[name], atoms, 5) / 5, args.pass_seconds) for name in names}
         per_step = {name: [] for name in names}
         for r in range(args.rounds):
@@ -194,10 +207,12 @@ def main(argv=None) -> dict:
                            **{name: {"steps_per_s": round(1.0 / med[name], 2), "steps_per_pass": reps[name],
                                      "spread": round((max(v) - min(v)) / med[name], 3)}
                               for name, v in per_step.items()}}
-        for ref in names[1:]:
-            per_round = [b / a for a, b in zip(per_step["ours"], per_step[ref])]
-            ratios[f"ours_steps_per_s/{ref}"][system] = round(med[ref] / med["ours"], 3)
-            details[system][f"ours/{ref}_per_round"] = [round(x, 3) for x in per_round]
+        details[system]["first_steps_with_compile_s"] = compile_s
+        for ours in (n for n in names if n.startswith("ours")):
+            for ref in refs:
+                per_round = [b / a for a, b in zip(per_step[ours], per_step[ref])]
+                ratios[f"{ours}_steps_per_s/{ref}"][system] = round(med[ref] / med[ours], 3)
+                details[system][f"{ours}/{ref}_per_round"] = [round(x, 3) for x in per_round]
         print(f"{system:18s} {len(atoms):3d} atoms | " + " | ".join(
             f"{name} {1.0 / med[name]:7.1f} steps/s" for name in names), file=sys.stderr)
 
@@ -211,11 +226,11 @@ def main(argv=None) -> dict:
                    "mace": "128x0e, 2 interactions, max_ell 3, correlation 3, 8 Bessel, r_max 5",
                    "parameters": params, "versions": versions, "left_out": notes, "timestep_fs": TIMESTEP_FS,
                    "dtype": "float32", "rounds": args.rounds, "pass_seconds": args.pass_seconds,
-                   "threads": args.threads, "loadavg_start": load_start, "loadavg_end": load_1min(),
+                   "threads": args.threads, "device": args.device, "loadavg_start": load_start, "loadavg_end": load_1min(),
                    "seconds": round(time.perf_counter() - start, 1)},
         "machine": machine(),
     }
-    write_result(result, RESULTS / "calculator_speed.json")
+    write_result(result, args.out)
     return result
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU check of lamm-ds in one go (<= 10 minutes on one H200): DeepSpeed bf16/fp16 steps at ZeRO-1
 # and ZeRO-3 for PaiNN and EquiformerV2-31M, `lamm-ds calibrate --device cuda`, the load-balancing
-# replay at 64 virtual ranks on the GPU (bench/balance_replay.py), and EquiformerV2 fwd+bwd atoms/s
-# against fairchem-core 1.x when it is installable (else recorded as skipped, with the reason).
+# replay at 64 virtual ranks on the GPU (bench/balance_replay.py), EquiformerV2 fwd+bwd atoms/s
+# against fairchem-core 1.x when it is installable (else recorded as skipped, with the reason), and
+# PaiNN vs SchNetPack (training step) and MD steps/s of our calculator vs SchNetPack's and MACE's
+# when those are installed or carried as --wheels.
 #
 #   bench/gpu_check.sh                          # on a GPU machine -> bench/results/gpu/gpu_check.json (+ .log)
 #   bench/gpu_check.sh --out-dir "$OUT"         # e.g. on the device machine (2 files come back)
@@ -227,6 +229,17 @@ if [ "$DRY" = 1 ]; then EQB="--molecules 1 --cells 0 --rounds 1"; else EQB="--mo
 step eqv2_vs_fairchem 150 "$WORK/eqv2_throughput.json" "" "" -- "$PY" bench/eqv2_throughput.py --device "$DEVICE" \
   --preset 31M $EQB --out "$WORK/eqv2_throughput.json"
 
+# issue 18: PaiNN training step vs SchNetPack, and MD steps/s of the calculators (each skips itself,
+# with the reason, when its reference is not installed; the calculator bench then times ours only)
+if [ "$DRY" = 1 ]; then MTB="--molecules 2 --rounds 1 --mem-rounds 1 --pass-seconds 0.05 --no-ftz"; CSB="--rounds 1 --pass-seconds 0.05 --no-compile"
+else MTB="--rounds 3 --mem-rounds 1 --pass-seconds 0.5"; CSB="--rounds 3 --pass-seconds 0.5"; fi
+# shellcheck disable=SC2086
+step painn_vs_schnetpack 120 "$WORK/model_throughput.json" "" "" -- "$PY" bench/model_throughput.py --device "$DEVICE" \
+  $MTB --out "$WORK/model_throughput.json"
+# shellcheck disable=SC2086
+step calculator_speed 120 "$WORK/calculator_speed.json" "" "" -- "$PY" bench/calculator_speed.py --device "$DEVICE" \
+  $CSB --out "$WORK/calculator_speed.json"
+
 # shellcheck disable=SC2086
 step replay_eqv2 240 "$WORK/balance_replay.json" "" "$EQV2_NOTE" -- "$PY" bench/balance_replay.py --model eqv2-31m \
   --mixture "$MIXTURE" --device "$DEVICE" --out "$WORK/balance_replay.json" $REPLAY_EQV2
@@ -278,9 +291,12 @@ for s in steps:
     elif s["name"] == "replay_painn" and isinstance(s.get("result"), dict):
         figures.update({k: v for k, v in s["result"].items() if not k.startswith("eqv2_") and "imbalance" not in k})
     elif s["name"] == "eqv2_vs_fairchem" and isinstance(s.get("result"), dict) and "speedup" in s["result"]:
-        figures["eqv2_vs_fairchem_speedup"] = s["result"]["speedup"]
+        figures["eqv2_vs_fairchem_speedup"] = s["result"]["speedup"]          # per case
         figures["eqv2_vs_fairchem_memory_ratio"] = s["result"]["memory_ratio"]
-        figures["eqv2_ours_atoms_per_s"] = s["result"]["ours_atoms_per_s"]
+        figures["eqv2_ours_atoms_per_s"] = {c: d.get("ours_atoms_per_s") for c, d in s["result"].get("details", {}).items()}
+    elif s["name"] in ("painn_vs_schnetpack", "calculator_speed") and isinstance(s.get("result"), dict) \
+            and "ratios" in s["result"]:
+        figures[s["name"]] = s["result"]["ratios"]
 counts = {}
 for s in steps:
     counts[s["status"]] = counts.get(s["status"], 0) + 1

@@ -214,11 +214,21 @@ def _train_step(model, batch) -> float:
     for p in model.parameters():
         p.grad = None
     loss.backward()
-    return float(loss.detach())
+    return float(loss.detach())  # a host sync: GPU timings include the whole step
 
 
 def peak_step_bytes(model, batch) -> int:
-    """Highest net bytes allocated during one ``train_step`` (allocation events of the profiler)."""
+    """Highest net bytes allocated during one ``train_step``: on the CPU from the allocation events of
+    the profiler, on a GPU ``max_memory_allocated`` over what was allocated before the step."""
+    import torch
+
+    if batch.pos.is_cuda:
+        dev = batch.pos.device
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        train_step(model, batch)
+        return torch.cuda.max_memory_allocated(dev) - base
     return peak_bytes(train_step, model, batch)
 
 
@@ -292,6 +302,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--pass-seconds", type=float, default=1.0, help="minimum duration of one timed pass")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]; on a GPU the flush-to-zero pair is left out")
+    parser.add_argument("--out", default=None, help="result JSON (default bench/results/model_throughput.json)")
     parser.add_argument("--no-ftz", action="store_true",
                         help="leave out the flush-to-zero pair (ours_ftz/ref_ftz)")
     parser.add_argument("--with-unfused", action="store_true",
@@ -301,6 +313,8 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    no_ftz = args.no_ftz or device.type != "cpu"  # flush-to-zero is a CPU (x86/ARM) setting
     try:
         spk = _import_schnetpack()
     except Exception as exc:  # ImportError, or a version mismatch surfacing at import time
@@ -321,27 +335,29 @@ def main(argv=None) -> dict:
     hp = dict(hidden=args.hidden, layers=args.layers, num_rbf=args.num_rbf, cutoff=args.cutoff)
     ratios_speed, ratios_ftz, ratios_mem, details, params = {}, {}, {}, {}, {}
     for system, structures in systems.items():
-        batch = make_batch(structures, args.cutoff, args.max_neighbors)
+        batch = make_batch(structures, args.cutoff, args.max_neighbors).to(device)
         stats = fit_dataset_stats(structures, 100)
         per_atom = float(np.mean([st.energy / st.natoms for st in structures]))
         for forces in ("direct", "conservative"):
             torch.manual_seed(args.seed)
             models = {"ours": build_ours(**hp, max_neighbors=args.max_neighbors, forces=forces, stats=stats),
                       "ref": build_reference(spk, **hp, forces=forces, energy_per_atom=per_atom)}
-            if not args.no_ftz:  # the same two models again, timed with subnormals flushed to zero
+            if not no_ftz:  # the same two models again, timed with subnormals flushed to zero
                 models["ours_ftz"], models["ref_ftz"] = _Flushing(models["ours"]), _Flushing(models["ref"])
             if args.with_unfused:
                 models["ours_unfused"] = build_ours(**hp, max_neighbors=args.max_neighbors, forces=forces,
                                                     stats=stats, fused=False)
             for m in models.values():
                 m.train()
+                if not isinstance(m, _Flushing):
+                    m.to(device)
             params[forces] = {n: n_params(models[n]) for n in ("ours", "ref")}
             res, samples = run_case(models, batch, args.rounds, args.pass_seconds, args.mem_rounds)
             key = f"{system}/{forces}"
             ratios_speed[key] = round(res["ours"]["atoms_per_s"] / res["ref"]["atoms_per_s"], 3)
             ratios_mem[key] = round(res["ours"]["peak_mem_mb"] / res["ref"]["peak_mem_mb"], 3)
             rounds = {"ours/ref": ratio_over_rounds(samples, "ours", "ref")}
-            if not args.no_ftz:
+            if not no_ftz:
                 ratios_ftz[key] = round(res["ours_ftz"]["atoms_per_s"] / res["ref_ftz"]["atoms_per_s"], 3)
                 rounds["ours_ftz/ref_ftz"] = ratio_over_rounds(samples, "ours_ftz", "ref_ftz")
             details[key] = {"atoms": batch.num_atoms, "edges": batch.num_edges, "graphs": batch.num_graphs,
@@ -371,13 +387,13 @@ def main(argv=None) -> dict:
                    "reference": f"schnetpack {spk.__version__} PaiNN + Atomwise (+ gated equivariant force head)",
                    "parameters": params, "rounds": args.rounds, "mem_rounds": args.mem_rounds,
                    "pass_seconds": args.pass_seconds, "threads": args.threads,
-                   "flush_to_zero_pair": not args.no_ftz},
+                   "flush_to_zero_pair": not no_ftz, "device": str(device)},
         "env": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                 "cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": load_1min(),
                 "seconds": round(time.perf_counter() - start, 1)},
         "machine": machine(),
     }
-    write_result(result, RESULTS / "model_throughput.json")
+    write_result(result, args.out or RESULTS / "model_throughput.json")
     return result
 
 

@@ -34,8 +34,9 @@ from _common import RESULTS, machine, write_result
 
 
 #: ops whose input values are not computed with (overwritten, aliased): their subnormals cost nothing
-_NO_ARITHMETIC = {"fill_", "zero_", "bernoulli_", "uniform_", "normal_", "detach", "alias", "view", "_unsafe_view", "t", "transpose", "expand",
-                  "as_strided", "slice", "select", "split", "split_with_sizes", "unsqueeze", "squeeze", "permute"}
+_NO_ARITHMETIC = {"fill_", "zero_", "bernoulli_", "uniform_", "normal_", "detach", "alias", "view",
+                  "_unsafe_view", "t", "transpose", "expand", "as_strided", "slice", "select", "split",
+                  "split_with_sizes", "unsqueeze", "squeeze", "permute"}
 
 
 def _subnormals(t: torch.Tensor) -> int:

@@ -370,3 +370,50 @@ def test_non_strict_neighbour_cap_travels_in_the_model_file(tmp_path):
     atoms.calc = LammCalculator(loaded)
     assert atoms.get_potential_energy() == pytest.approx(e_loose, rel=1e-6)
     assert abs(e_loose - e_strict) > 1e-6
+
+
+# -- torch.compile ---------------------------------------------------------------------------------
+
+def test_compiled_calculator_matches_eager_on_cells_of_different_sizes(model_file):
+    eager = LammCalculator(model_file, device="cpu")
+    compiled = LammCalculator(model_file, device="cpu", compile=True)
+    for atoms in (cu_cell(rattle=0.1, seed=5), cu_cell(rattle=0.05, seed=6) * (1, 1, 2)):
+        a, b = atoms.copy(), atoms.copy()
+        a.calc, b.calc = eager, compiled
+        assert b.get_potential_energy() == pytest.approx(a.get_potential_energy(), rel=1e-6, abs=1e-5)
+        np.testing.assert_allclose(b.get_forces(), a.get_forces(), atol=1e-5)
+        np.testing.assert_allclose(b.get_stress(), a.get_stress(), atol=1e-6)
+    assert compiled._compiled is not None and compiled._compiled_ok
+
+
+def test_compile_failure_is_a_clear_error(model_file, monkeypatch):
+    def broken(model, **kwargs):
+        def run(batch):
+            raise ValueError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    atoms = cu_cell(rattle=0.1, seed=5)
+    atoms.calc = LammCalculator(model_file, device="cpu", compile=True)
+    with pytest.raises(RuntimeError, match="torch.compile of the model failed.*no C\\+\\+ compiler.*compile=False"):
+        atoms.get_potential_energy()
+    assert "energy" not in atoms.calc.results
+
+
+def test_compiled_calculator_does_not_recompile_as_edge_counts_change(model_file):
+    from torch._dynamo.utils import counters
+
+    atoms = cu_cell(rattle=0.1, seed=7)
+    atoms.calc = LammCalculator(model_file, device="cpu", compile=True)
+    atoms.get_forces()
+    graphs = counters["stats"]["unique_graphs"]
+    rng = np.random.default_rng(0)
+    edges = set()
+    for _ in range(6):  # rattles large enough to move pairs across the cutoff
+        atoms.positions += rng.normal(0, 0.15, atoms.positions.shape)
+        atoms.get_forces()
+        cfg = atoms.calc.model.cfg
+        structure = Structure(atoms.numbers, atoms.positions, atoms.cell[:], atoms.pbc)
+        edges.add(len(build_sample(structure, cfg.cutoff, cfg.max_neighbors).edge_i))
+    assert len(edges) > 1, "the test needs geometries with different edge counts"
+    assert counters["stats"]["unique_graphs"] == graphs

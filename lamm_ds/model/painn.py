@@ -191,7 +191,10 @@ class PaiNNMessage(nn.Module):
         dt = x.dtype  # follows autocast too; everything entering the edge op shares it
         args = (x, None if v is None else v.to(dt), rbf.to(dt), self.filter.weight.to(dt), unit.to(dt),
                 edge_index[0], edge_index[1])
-        ds, dv = _EdgeMessage.apply(*args) if self.fused else edge_message_reference(*args)
+        # Under torch.compile the plain form: the compiler fuses it itself, and the fused op's
+        # edge-chunk loop would make it specialise (and recompile) on every new edge count.
+        fused = self.fused and not torch.compiler.is_compiling()
+        ds, dv = _EdgeMessage.apply(*args) if fused else edge_message_reference(*args)
         s = s + ds
         v = dv if v is None else v + dv
         return s, v
