@@ -52,6 +52,7 @@ SchNetPack the benchmark prints a message and a JSON line with ``"skipped": true
     .venv/bin/python bench/model_throughput.py                # ~1.5 minutes on one free core
     .venv/bin/python bench/model_throughput.py --rounds 7 --hidden 128 --layers 4
     .venv/bin/python bench/model_throughput.py --with-unfused   # also ours with fused_messages=false
+    .venv/bin/python bench/model_throughput.py --with-compiled  # also ours torch.compile'd (direct forces)
 
 The last stdout line is one JSON object, ratios first: ``ours_atoms_per_s/ref`` (above 1: ours is
 faster) and ``ours_peak_mem/ref`` (below 1: ours needs less memory), per ``system/forces`` case;
@@ -306,6 +307,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None, help="result JSON (default bench/results/model_throughput.json)")
     parser.add_argument("--no-ftz", action="store_true",
                         help="leave out the flush-to-zero pair (ours_ftz/ref_ftz)")
+    parser.add_argument("--with-compiled", action="store_true",
+                        help="also time ours torch.compile'd (direct forces only, as run config compile=true)")
     parser.add_argument("--with-unfused", action="store_true",
                         help="also time ours with model.fused_messages=false (diagnostic; reported in details only)")
     args = parser.parse_args(argv)
@@ -333,7 +336,7 @@ def main(argv=None) -> dict:
     systems["periodic_fcc"] = periodic_structures(args.seed)
 
     hp = dict(hidden=args.hidden, layers=args.layers, num_rbf=args.num_rbf, cutoff=args.cutoff)
-    ratios_speed, ratios_ftz, ratios_mem, details, params = {}, {}, {}, {}, {}
+    ratios_speed, ratios_ftz, ratios_compiled, ratios_mem, details, params = {}, {}, {}, {}, {}, {}
     for system, structures in systems.items():
         batch = make_batch(structures, args.cutoff, args.max_neighbors).to(device)
         stats = fit_dataset_stats(structures, 100)
@@ -347,6 +350,10 @@ def main(argv=None) -> dict:
             if args.with_unfused:
                 models["ours_unfused"] = build_ours(**hp, max_neighbors=args.max_neighbors, forces=forces,
                                                     stats=stats, fused=False)
+            if args.with_compiled and forces == "direct":  # what run config compile=true does
+                models["ours_compiled"] = build_ours(**hp, max_neighbors=args.max_neighbors, forces=forces, stats=stats)
+                models["ours_compiled"].load_state_dict(models["ours"].state_dict())
+                models["ours_compiled"].compile(dynamic=True)
             for m in models.values():
                 m.train()
                 if not isinstance(m, _Flushing):
@@ -357,6 +364,9 @@ def main(argv=None) -> dict:
             ratios_speed[key] = round(res["ours"]["atoms_per_s"] / res["ref"]["atoms_per_s"], 3)
             ratios_mem[key] = round(res["ours"]["peak_mem_mb"] / res["ref"]["peak_mem_mb"], 3)
             rounds = {"ours/ref": ratio_over_rounds(samples, "ours", "ref")}
+            if "ours_compiled" in res:
+                ratios_compiled[key] = round(res["ours_compiled"]["atoms_per_s"] / res["ref"]["atoms_per_s"], 3)
+                rounds["ours_compiled/ref"] = ratio_over_rounds(samples, "ours_compiled", "ref")
             if not no_ftz:
                 ratios_ftz[key] = round(res["ours_ftz"]["atoms_per_s"] / res["ref_ftz"]["atoms_per_s"], 3)
                 rounds["ours_ftz/ref_ftz"] = ratio_over_rounds(samples, "ours_ftz", "ref_ftz")
@@ -374,6 +384,8 @@ def main(argv=None) -> dict:
     ratios = {"ours_atoms_per_s/ref": ratios_speed}
     if ratios_ftz:
         ratios["ours_ftz_atoms_per_s/ref_ftz"] = ratios_ftz
+    if ratios_compiled:
+        ratios["ours_compiled_atoms_per_s/ref"] = ratios_compiled
     ratios["ours_peak_mem/ref"] = ratios_mem
     ratios["geomean"] = {name: round(geomean(r.values()), 3) for name, r in ratios.items()}
     result = {

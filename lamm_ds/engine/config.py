@@ -148,6 +148,7 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    compile: bool = False               # torch.compile the model (PaiNN, direct forces, ZeRO 0-2; docs/engine.md)
 
     def __post_init__(self) -> None:
         if self.model_kind not in MODEL_KINDS:

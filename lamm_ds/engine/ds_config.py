@@ -57,3 +57,20 @@ def check_zero_stage(cfg: RunConfig, ds_config: dict, model_cfg) -> None:
         raise ValueError(f"eval_every={cfg.eval_every}: evaluation during training needs whole parameters on "
                          f"rank 0, which ZeRO stage 3 ({cfg.deepspeed_config}) partitions; use ZeRO 0-2 or "
                          "eval_every=0 (the final evaluation still runs)")
+
+
+def check_compile(cfg: RunConfig, ds_config: dict, model_cfg) -> None:
+    """Refuse ``compile: true`` where torch.compile cannot train: double backward (conservative
+    forces; AOT autograd does not differentiate its own backward), ZeRO stage 3 (parameters are
+    gathered by hooks per submodule), and EquiformerV2 (not supported yet)."""
+    if not cfg.compile:
+        return
+    if cfg.model_kind != "painn":
+        raise ValueError(f"compile=true supports model_kind=painn only, got {cfg.model_kind!r}; set compile=false")
+    if getattr(model_cfg, "forces", "direct") == "conservative":
+        raise ValueError("compile=true cannot train conservative forces (torch.compile does not support the double "
+                         "backward they need); set compile=false, or model forces=direct")
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    if stage == 3:
+        raise ValueError(f"compile=true is not supported with ZeRO stage 3 ({cfg.deepspeed_config}); use ZeRO 0-2 "
+                         "or compile=false")

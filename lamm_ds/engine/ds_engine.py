@@ -34,7 +34,7 @@ from lamm_ds.engine.curve import EvalCurve
 from lamm_ds.engine.data import open_datasets, step_loader
 from lamm_ds.engine.distributed import (RendezvousError, agree, leave_process_group, rendezvous_env,
                                          setup_distributed)
-from lamm_ds.engine.ds_config import check_zero_stage, deepspeed_config, resolve_path
+from lamm_ds.engine.ds_config import check_compile, check_zero_stage, deepspeed_config, resolve_path
 from lamm_ds.engine.finish import finish_run
 from lamm_ds.engine.guards import UselessDatasetError, check_datasets_contribute, check_eval_heads
 from lamm_ds.engine.launcher_watch import watch_launcher
@@ -83,6 +83,9 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
     ds_config = deepspeed_config(cfg, world)
     optimizer, lr_schedule = build_optimizer(model, cfg)
     check_zero_stage(cfg, ds_config, model.cfg)
+    check_compile(cfg, ds_config, model.cfg)
+    if cfg.compile:  # in place: parameter names, checkpoints and exports stay those of the plain module
+        model.compile(dynamic=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_schedule,
                                            config=ds_config, dist_init_required=False)
     start_step = 0

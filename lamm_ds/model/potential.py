@@ -90,6 +90,12 @@ class Potential(nn.Module):
         heads = list(self.heads.values())
         if len(heads) == 1:
             return heads[0](s)
+        if torch.compiler.is_compiling():
+            # Every head on every atom, then each atom's own: no per-step head counts as Python ints,
+            # which would make the compiled graph specialise (and recompile) on each batch's mix.
+            # Same values and gradients as below; the heads are small next to the backbone.
+            every = torch.cat([head(s).unsqueeze(1) for head in heads], dim=1)      # (N, heads)
+            return every.gather(1, atom_ds.unsqueeze(1)).squeeze(1)
         counts = torch.bincount(atom_ds, minlength=len(heads))
         if counts.numel() > len(heads):
             raise ValueError(f"batch has dataset_id >= number of heads ({len(heads)})")
