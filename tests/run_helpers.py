@@ -50,3 +50,14 @@ def wait_for(predicate, timeout: float, poll: float = 0.1) -> bool:
             return True
         time.sleep(poll)
     return False
+
+
+def complete_checkpoint(run_dir) -> bool:
+    """True once ``run_dir`` holds a complete checkpoint (the earliest point a resume can start from)."""
+    from pathlib import Path
+
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    try:
+        return (latest.parent / latest.read_text().strip() / "lamm_complete.json").is_file()
+    except OSError:
+        return False

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from run_helpers import BIN, REPO, TINY
+from run_helpers import BIN, REPO, TINY, complete_checkpoint
 from run_helpers import child_env as _env
 from run_helpers import free_port as _port
 
@@ -112,12 +112,9 @@ def test_exact_resume_after_sigkill(reference_run, demo_data, tmp_path):
     cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--run-dir", str(run_dir), "--quiet",
            "--max-steps", "8", *TINY, *_data_overrides(demo_data), "checkpoint.every=2", "checkpoint.keep_last=2"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 240
-    while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
+    while time.time() < deadline and not complete_checkpoint(run_dir):  # kill at the first complete one
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "model.safetensors").exists(), "the run finished before it could be killed"
