@@ -602,3 +602,96 @@ def test_fairchem_ema_weights_align_with_fairchems_own_ema(layout):
     assert ours and set(ours) <= set(copied)
     for name, p in ours.items():
         torch.testing.assert_close(p.detach(), copied[name].to(p.dtype), rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("sigma_encoding", [False, True])
+def test_fairchem_dens_checkpoint_converts_and_matches_on_clean_input(sigma_encoding, demo_data):
+    """A DeNS hydra checkpoint (EqV2DeNSBackbone + DeNS heads): the converted model predicts what
+    fairchem's does when nothing is denoised, raw and EMA weights alike; the denoising parts are dropped."""
+    _import_fairchem()
+    try:
+        from fairchem.core.models.base import GraphData
+        from fairchem.core.models.equiformer_v2.equiformer_v2_dens import (DeNSScalarHead, DeNSVectorHead,
+                                                                          EqV2DeNSBackbone)
+    except ImportError as exc:
+        pytest.skip(f"fairchem DeNS not importable here: {exc}")
+    from lamm_ds.model.convert_fairchem import convert_checkpoint
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(F64)
+    try:
+        torch.manual_seed(0)
+        kw = {**FAIRCHEM_TINY, "use_noise_schedule_sigma_encoding": sigma_encoding}
+        bb = EqV2DeNSBackbone(**kw)
+        eh, fh = DeNSScalarHead(bb), DeNSVectorHead(bb)
+        with torch.no_grad():    # random weights everywhere, the encoders' biases (our l0_offset) included
+            for p in [*bb.parameters(), *eh.parameters(), *fh.parameters()]:
+                p.add_(0.05 * torch.randn_like(p))
+        for m in (bb, eh, fh):
+            m.eval()
+        b = collate([build_sample(s, 5.0, None) for s in _parity_structures(demo_data)], dtype=F64)
+        vec = b.edge_vectors()
+        graph = GraphData(edge_index=b.edge_index.flip(0), edge_distance=vec.norm(dim=-1), edge_distance_vec=vec,
+                          cell_offsets=b.shifts, offset_distances=None, neighbors=None, node_offset=0,
+                          batch_full=b.batch, atomic_numbers_full=b.z)
+        bb.generate_graph = lambda data, **kwargs: graph
+        data = types.SimpleNamespace(natoms=b.natoms, pos=b.pos, atomic_numbers=b.z, batch=b.batch)
+        with torch.no_grad():
+            torch.manual_seed(123)
+            emb = bb(data)
+            e_raw, f_raw = eh(data, emb)["energy"], fh(data, emb)["forces"]
+        state = {**{f"module.backbone.{k}": v for k, v in bb.state_dict().items()},
+                 **{f"module.output_heads.energy.{k}": v for k, v in eh.state_dict().items()},
+                 **{f"module.output_heads.forces.{k}": v for k, v in fh.state_dict().items()}}
+        params = [*bb.parameters(), *eh.parameters(), *fh.parameters()]
+        ckpt = {"state_dict": state,
+                "config": {"model": {"name": "hydra", "backbone": {"model": "equiformer_v2_dens_backbone", **kw},
+                                     "heads": {"energy": {"module": "eqV2_DeNS_scalar_head"},
+                                               "forces": {"module": "eqV2_DeNS_vector_head"}}},
+                           "optim": {"ema_decay": 0.999}},
+                # EMA = the raw weights (so the same outputs are expected), in fairchem's parameter order
+                "ema": {"shadow_params": [p.detach().clone() for p in params]}}
+    finally:
+        torch.set_default_dtype(old)
+    assert any(".denoising_pos_block." in k for k in state)
+    for weights in ("raw", "ema"):
+        model = convert_checkpoint(ckpt, "omat", dtype=F64, weights=weights)
+        assert model.weights_source == weights and model.cfg.l0_offset
+        bias = bb.force_embedding.bias.detach() + (bb.noise_schedule_sigma_embedding.bias.detach()
+                                                   if sigma_encoding else 0)
+        assert torch.equal(model.backbone.l0_offset.detach(), bias)
+        for h in model.heads.values():
+            h.stats = type(h.stats)(DatasetStats.identity(model.cfg.max_z), model.cfg.max_z)
+            h.offset.energy_offset.zero_()
+        with torch.no_grad():
+            torch.manual_seed(123)
+            r = model(b)
+        assert ((r["energy"] - e_raw).abs() / e_raw.abs()).max().item() < 1e-5
+        assert rel(r["forces"], f_raw) < 1e-5
+    # without the offset the outputs would differ: the test can fail
+    model.backbone.l0_offset.data.zero_()
+    with torch.no_grad():
+        torch.manual_seed(123)
+        assert ((model(b)["energy"] - e_raw).abs() / e_raw.abs()).max().item() > 1e-3
+
+
+def test_l0_offset_shifts_the_scalar_features_and_survives_export(tmp_path):
+    """The DeNS constant (``l0_offset``): off by default and left out of the file's config then;
+    when on, a learned per-channel constant on every node's l = 0 features, kept by export."""
+    import lamm_ds
+    from lamm_ds.engine.export import export_model
+
+    assert "l0_offset" not in tiny_cfg().to_dict()
+    model = make_model(l0_offset=True, edge_roll="fixed")
+    assert model.cfg.to_dict()["l0_offset"] is True
+    b = batch_of([molecule_structure(), periodic_structure()])
+    before = model(b)
+    with torch.no_grad():
+        model.backbone.l0_offset.copy_(0.3 * torch.randn_like(model.backbone.l0_offset))
+    after = model(b)
+    assert rel(after["energy"], before["energy"]) > 1e-6 and rel(after["forces"], before["forces"]) > 1e-3
+    loaded = lamm_ds.load_model(export_model(model, tmp_path / "dens.safetensors")).double()
+    assert loaded.cfg.l0_offset and torch.allclose(loaded.backbone.l0_offset.double(),
+                                                   model.backbone.l0_offset.double())
+    again = loaded(b)
+    assert rel(again["energy"], after["energy"]) < 1e-6 and rel(again["forces"], after["forces"]) < 1e-6

@@ -61,8 +61,20 @@ _STRICT_KEY = "enforce_max_neighbors_strictly"
 # what lamm-ds implements; anything else is refused rather than silently converted wrong
 _REQUIRED = dict(share_atom_edge_embedding=False, use_m_share_rad=False, distance_function="gaussian",
                  use_s2_act_attn=False, use_attn_renorm=True, use_gate_act=False, use_sep_s2_act=True, proj_drop=0.0)
-_ENERGY_HEADS = {"equiformer_v2_energy_head", "equiformerV2_scalar_head"}
-_FORCE_HEADS = {"equiformer_v2_force_head", "equiformerV2_vector_head"}
+_ENERGY_HEADS = {"equiformer_v2_energy_head", "equiformerV2_scalar_head", "eqV2_DeNS_scalar_head"}
+_FORCE_HEADS = {"equiformer_v2_force_head", "equiformerV2_vector_head", "eqV2_DeNS_vector_head"}
+# DeNS (denoising non-equilibrium structures): the backbone encodes the noise's forces (and, with
+# use_noise_schedule_sigma_encoding, its sigma) as node features; when nothing is denoised those
+# inputs are zero and what is left is the encoders' l = 0 biases, added to every node: our
+# ``l0_offset``. The heads name their blocks scalar_block / vector_block; the force head's
+# denoising_pos_block only predicts the noise and is not converted.
+_DENS_BACKBONE = "equiformer_v2_dens_backbone"
+_DENS_OPTIONS = {"use_force_encoding", "use_noise_schedule_sigma_encoding"}
+_DENS_OFFSET_BIASES = ("backbone.force_embedding.bias", "backbone.noise_schedule_sigma_embedding.bias")
+_DENS_ENCODER_WEIGHTS = {f"backbone.{m}.{p}" for m in ("force_embedding", "noise_schedule_sigma_embedding")
+                         for p in ("weight", "bias")}
+_DENS_SKIPPED = re.compile(r"^backbone\.(force_embedding\.weight|noise_schedule_sigma_embedding\.weight)$"
+                           r"|\.denoising_pos_block\.")
 _SKIP = re.compile(r"(^|\.)(SO3_rotation|mappingReduced|SO3_grid|mapping)\.|(^|\.)(expand_index|balance_degree_weight"
                    r"|to_grid_mat|from_grid_mat)$|distance_expansion\.offset$|^energy_lin_ref$")
 
@@ -148,17 +160,18 @@ def model_section(config: dict) -> tuple[dict, dict, bool]:
     if name == "hydra":
         backbone = dict(model.get("backbone") or {})
         kind = backbone.get("model")
-        if kind not in ("equiformer_v2_backbone", "equiformer_v2"):
+        if kind not in ("equiformer_v2_backbone", "equiformer_v2", _DENS_BACKBONE):
             raise ConversionError(f"hydra backbone {kind!r} is not EquiformerV2")
         return backbone, dict(model.get("heads") or {}), False
     raise ConversionError(f"model {name!r} is not EquiformerV2")
 
 
-def config_from_fairchem(kwargs: dict, energy_reduce: str = "sum") -> EquiformerV2Config:
+def config_from_fairchem(kwargs: dict, energy_reduce: str = "sum", dens: bool = False) -> EquiformerV2Config:
     """Our config for a fairchem backbone's keyword arguments. Options that would change the
-    computation and that lamm-ds does not implement are refused, never ignored."""
+    computation and that lamm-ds does not implement are refused, never ignored. ``dens``: a DeNS
+    backbone (its two options are known; the model gets an ``l0_offset``)."""
     kw = {**_FAIRCHEM_DEFAULTS, **kwargs}
-    unknown = sorted(set(kwargs) - set(_FAIRCHEM_DEFAULTS) - _IGNORED - {_STRICT_KEY})
+    unknown = sorted(set(kwargs) - set(_FAIRCHEM_DEFAULTS) - _IGNORED - {_STRICT_KEY} - (_DENS_OPTIONS if dens else set()))
     if unknown:
         raise ConversionError(f"unknown EquiformerV2 option(s) {', '.join(unknown)}: lamm-ds cannot tell whether they "
                               "change the model's predictions, so it does not convert the checkpoint")
@@ -178,7 +191,7 @@ def config_from_fairchem(kwargs: dict, energy_reduce: str = "sum") -> Equiformer
         use_grid_mlp=kw["use_grid_mlp"], use_atom_edge_embedding=kw["use_atom_edge_embedding"],
         alpha_drop=kw["alpha_drop"], drop_path_rate=kw["drop_path_rate"],
         avg_degree=kw["avg_degree"] or _AVG_DEGREE, avg_num_nodes=kw["avg_num_nodes"] or _AVG_NUM_NODES,
-        energy_reduce=energy_reduce, weight_init=kw["weight_init"], forces="direct")
+        energy_reduce=energy_reduce, weight_init=kw["weight_init"], forces="direct", l0_offset=dens)
 
 
 def _head_names(heads: dict) -> tuple[str | None, str | None, list[str]]:
@@ -226,11 +239,29 @@ def _map_key(raw_key: str, monolithic: bool, energy_head: str | None, force_head
         return f"backbone.{key}"
     if key.startswith("backbone."):
         return key
-    if energy_head and key.startswith(f"output_heads.{energy_head}.energy_block."):
-        return f"heads.{dataset}." + key[len(f"output_heads.{energy_head}."):]
-    if force_head and key.startswith(f"output_heads.{force_head}.force_block."):
-        return "force_head." + key[len(f"output_heads.{force_head}."):]
+    for block in ("energy_block.", "scalar_block."):  # scalar_block: DeNS's energy head
+        if energy_head and key.startswith(f"output_heads.{energy_head}.{block}"):
+            return f"heads.{dataset}.energy_block." + key[len(f"output_heads.{energy_head}.{block}"):]
+    for block in ("force_block.", "vector_block."):   # vector_block: DeNS's force head
+        if force_head and key.startswith(f"output_heads.{force_head}.{block}"):
+            return "force_head.force_block." + key[len(f"output_heads.{force_head}.{block}"):]
     return None
+
+
+def _dens_offset(mapped: dict, backbone_kw: dict) -> dict:
+    """DeNS: the encoders' l = 0 biases summed into ``backbone.l0_offset``; their weights (which
+    only see the noise) and the denoising block dropped. Logged, so the user knows."""
+    biases = [_DENS_OFFSET_BIASES[0]]
+    if backbone_kw.get("use_noise_schedule_sigma_encoding", False):
+        biases.append(_DENS_OFFSET_BIASES[1])
+    missing = [b for b in biases if b not in mapped]
+    if missing:
+        raise ConversionError(f"DeNS checkpoint lacks {missing}")
+    offset = sum(mapped.pop(b).double() for b in biases)
+    dropped = sorted(k for k in mapped if _DENS_SKIPPED.search(k) or k in _DENS_OFFSET_BIASES)
+    for k in dropped:
+        mapped.pop(k)
+    return {**mapped, "backbone.l0_offset": offset}
 
 
 WEIGHTS = ("auto", "ema", "raw")
@@ -252,16 +283,18 @@ def _uses_ema(ckpt: dict, weights: str) -> bool:
 
 
 def ema_state(ckpt: dict, monolithic: bool, energy_head: str | None, force_head: str | None, dataset: str,
-              params: set[str]) -> dict:
+              params: set[str], dens_backbone_kw: dict | None = None) -> dict:
     """lamm-ds key -> EMA tensor. fairchem's EMA keeps ``shadow_params``, one per trainable parameter
     in ``model.parameters()`` order, which is the order of the parameters among the state_dict keys.
-    Trainable here: keys that map to a lamm-ds parameter, and every key of a head that is not
-    converted (assumed to be parameters). The count and every shape must agree, or nothing is used."""
+    Trainable here: keys that map to a lamm-ds parameter, and every key of a head (or block) that is
+    not converted, except fairchem's shared non-trainable buffers (rotation, grid and index tensors). The count and every shape must agree, or nothing is used."""
     shadows = list(ckpt["ema"]["shadow_params"])
     order = []
     for raw_key, value in ckpt["state_dict"].items():
         new = _map_key(raw_key, monolithic, energy_head, force_head, dataset)
-        if new is None or new in params:
+        dens_extra = dens_backbone_kw is not None and new in _DENS_ENCODER_WEIGHTS
+        unconverted_weight = new is None and not _SKIP.search(_strip_module(raw_key))  # not a shared buffer
+        if unconverted_weight or new in params or dens_extra:
             order.append((new, tuple(torch.as_tensor(value).shape)))
     shapes = [tuple(torch.as_tensor(s).shape) for s in shadows]
     if len(order) != len(shadows) or [shape for _, shape in order] != shapes:
@@ -269,7 +302,8 @@ def ema_state(ckpt: dict, monolithic: bool, energy_head: str | None, force_head:
         raise ConversionError(f"cannot align the checkpoint's {len(shadows)} EMA tensors with its {len(order)} "
                               f"trainable weights (first mismatch at position {first}); pass --weights raw to "
                               "convert the raw weights instead")
-    return {new: torch.as_tensor(s) for (new, _), s in zip(order, shadows) if new is not None}
+    out = {new: torch.as_tensor(s) for (new, _), s in zip(order, shadows) if new is not None}
+    return _dens_offset(out, dens_backbone_kw) if dens_backbone_kw is not None else out
 
 
 def _scalar(x) -> float:
@@ -326,8 +360,14 @@ def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem"
         raise ConversionError(f"hydra model needs an EquiformerV2 energy and force head, has {sorted(heads)}")
     if other_heads:
         log.warning("convert-fairchem: heads %s are not converted (lamm-ds has energy and direct forces)", other_heads)
-    cfg = config_from_fairchem(backbone_kw, reduce)
+    dens = not monolithic and ckpt["config"]["model"].get("backbone", {}).get("model") == _DENS_BACKBONE
+    cfg = config_from_fairchem(backbone_kw, reduce, dens=dens)
     mapped, skipped = map_state_dict(ckpt["state_dict"], monolithic, energy_head, force_head, dataset)
+    if dens:
+        mapped = _dens_offset(mapped, backbone_kw)
+        log.warning("convert-fairchem: DeNS checkpoint: its denoising parts (the force/sigma encoders' weights, the "
+                    "force head's denoising_pos_block) are not converted; their constant when nothing is denoised "
+                    "(the encoders' l=0 bias) becomes backbone.l0_offset, so predictions match DeNS's on clean input")
 
     e_mean, e_std, f_mean, f_std = _normalizers(ckpt)
     if abs(f_mean) > 0:
@@ -365,7 +405,8 @@ def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem"
         raise ConversionError(f"checkpoint lacks weights for {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     model.weights_source = "raw"
     if _uses_ema(ckpt, weights):
-        for key, value in ema_state(ckpt, monolithic, energy_head, force_head, dataset, params).items():
+        for key, value in ema_state(ckpt, monolithic, energy_head, force_head, dataset, params,
+                                    backbone_kw if dens else None).items():
             loadable[key] = value.to(ours[key].dtype)
         model.weights_source = "ema"
     model.load_state_dict(loadable, strict=False)

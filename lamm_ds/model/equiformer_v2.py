@@ -97,6 +97,8 @@ class EquiformerV2Config:
     edge_roll: str = "random"             # roll of the edge frames about the edge: "random" or "fixed"
     activation_checkpoint: bool = False   # recompute each block in backward (torch.utils.checkpoint)
     grid_chunk: int = 0                   # edges per chunk of the attention's S2 grid (0: automatic)
+    l0_offset: bool = False               # a learned constant added to every node's l = 0 features after the
+                                          # embedding: what a fairchem DeNS backbone adds when nothing is denoised
 
     def __post_init__(self) -> None:
         if self.forces not in FORCE_MODES:
@@ -125,7 +127,10 @@ class EquiformerV2Config:
         return self.sphere_channels
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["l0_offset"]:  # left out while off: files stay readable by lamm-ds versions before it
+            del d["l0_offset"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "EquiformerV2Config":
@@ -401,6 +406,8 @@ class EquiformerV2(nn.Module):
                                     for _ in range(cfg.num_layers))
         self.norm = make_norm(cfg.norm_type, L, cfg.sphere_channels)
         init_weights(self, cfg.weight_init)
+        if cfg.l0_offset:
+            self.l0_offset = nn.Parameter(torch.zeros(cfg.sphere_channels))
 
     def edge_context(self, batch: AtomsBatch, vectors: torch.Tensor, differentiable_frames: bool) -> EdgeContext:
         fdtype = self.sphere_embedding.weight.dtype
@@ -415,6 +422,8 @@ class EquiformerV2(nn.Module):
     def forward(self, batch: AtomsBatch, vectors: torch.Tensor, differentiable_frames: bool = False):
         ctx = self.edge_context(batch, vectors, differentiable_frames)
         emb = self.sphere_embedding(batch.z)
+        if self.cfg.l0_offset:
+            emb = emb + self.l0_offset
         x = torch.cat([emb.unsqueeze(1), emb.new_zeros(emb.shape[0], self.layout.num_full - 1, emb.shape[1])], 1)
         x = x + self.edge_degree_embedding(ctx)
         for block in self.blocks:
