@@ -78,7 +78,7 @@ class LammCalculator(Calculator):
     compile:
         ``True`` runs the model through ``torch.compile(dynamic=True)`` (inductor): the first
         evaluation compiles (about 10-30 s on a CPU; a C++ compiler is needed there), later ones
-        are about 2x faster on CPU for small systems (``bench/calculator_speed.py``). Results equal
+        are 1.6-1.9x faster on a CPU for 9-64 atoms (``bench/calculator_speed.py``). Results equal
         the eager model's to float rounding. A compilation failure raises ``RuntimeError`` naming
         the cause; ``compile=False`` (default) is the eager model.
     allow_unseen_elements:
