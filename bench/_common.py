@@ -129,3 +129,15 @@ def peak_bytes(fn, *args, **kwargs) -> int:
         cur += e.nbytes()
         peak = max(peak, cur)
     return peak
+
+
+def cuda_peak_bytes(fn, device, *args, **kwargs) -> int:
+    """Highest CUDA bytes allocated during one call of ``fn`` on ``device`` over what was allocated before it."""
+    import torch
+
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn(*args, **kwargs)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base

@@ -50,7 +50,7 @@ import types
 import numpy as np
 import torch
 
-from _common import REPO, RESULTS, machine, peak_bytes, rotated, skip, timed, write_result
+from _common import REPO, RESULTS, cuda_peak_bytes, machine, peak_bytes, rotated, skip, timed, write_result
 
 sys.path.insert(0, str(REPO))
 TARGET_END_TO_END = 1.5
@@ -203,16 +203,6 @@ def fairchem_end_to_end_step(model, structures, device):
     """fairchem's step as its trainer has it: tensors of the batch, on-the-fly graph in forward."""
     data = fairchem_data(structures, device)
     _backward(model, data, model(data, otf=True))
-
-
-def cuda_peak_bytes(fn, device) -> int:
-    """Highest CUDA memory allocated during one call of ``fn()`` over what was allocated before it."""
-    dev = device
-    torch.cuda.synchronize(dev)
-    base = torch.cuda.memory_allocated(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    fn()
-    return torch.cuda.max_memory_allocated(dev) - base
 
 
 def main(argv=None) -> int:

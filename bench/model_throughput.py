@@ -72,8 +72,8 @@ import typing
 
 import numpy as np
 
-from _common import (DATA, RESULTS, geomean, load_1min, machine, peak_bytes, repeats_for, rotated, skip, timed,
-                     write_result)
+from _common import (DATA, RESULTS, cuda_peak_bytes, geomean, load_1min, machine, peak_bytes, repeats_for, rotated,
+                     skip, timed, write_result)
 
 TARGET_SPEEDUP = 1.2
 TARGET_MEMORY = 1.0
@@ -221,15 +221,8 @@ def _train_step(model, batch) -> float:
 def peak_step_bytes(model, batch) -> int:
     """Highest net bytes allocated during one ``train_step``: on the CPU from the allocation events of
     the profiler, on a GPU ``max_memory_allocated`` over what was allocated before the step."""
-    import torch
-
     if batch.pos.is_cuda:
-        dev = batch.pos.device
-        torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        train_step(model, batch)
-        return torch.cuda.max_memory_allocated(dev) - base
+        return cuda_peak_bytes(train_step, batch.pos.device, model, batch)
     return peak_bytes(train_step, model, batch)
 
 

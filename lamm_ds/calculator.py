@@ -216,14 +216,14 @@ class LammCalculator(Calculator):
             # cannot require grad; the batch is built outside it too.
             with torch.inference_mode(False), torch.no_grad():
                 batch = collate([sample], dtype=self.dtype).to(device=self.device)
-                if not self.compile or self._compiled_ok:
-                    return self._runner()(batch)
                 try:
                     out = self._runner()(batch)
                 except Exception as exc:  # inductor/dynamo errors have many types
-                    raise RuntimeError(f"torch.compile of the model failed ({type(exc).__name__}: {exc}); "
-                                       "use LammCalculator(..., compile=False)") from exc
-                self._compiled_ok = True
+                    if self.compile and not self._compiled_ok:  # the first compiled call compiles
+                        raise RuntimeError(f"torch.compile of the model failed ({type(exc).__name__}: {exc}); "
+                                           "use LammCalculator(..., compile=False)") from exc
+                    raise
+                self._compiled_ok = self.compile
                 return out
         finally:
             if was_training:

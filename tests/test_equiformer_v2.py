@@ -525,6 +525,17 @@ def test_converter_refuses_unsupported_models():
     # fairchem's neighbour-cap option is carried into the model config (and so into the model file)
     assert config_from_fairchem({**small, "enforce_max_neighbors_strictly": False}).max_neighbors_strict is False
     assert config_from_fairchem(small).max_neighbors_strict is True  # fairchem's default: strict
+    # a DeNS checkpoint without its force encoder's bias (the constant every node gets) is refused
+    dens = {"model": {"name": "hydra", "backbone": {"model": "equiformer_v2_dens_backbone", **small,
+                                                    "use_force_encoding": True},
+                      "heads": {"energy": {"module": "eqV2_DeNS_scalar_head"},
+                                "forces": {"module": "eqV2_DeNS_vector_head"}}}}
+    del dens["model"]["backbone"]["name"]
+    with pytest.raises(ConversionError, match=r"DeNS checkpoint lacks \['backbone.force_embedding.bias'\]"):
+        convert_checkpoint({"state_dict": {}, "config": dens})
+    # DeNS's options are known for a DeNS backbone only
+    with pytest.raises(ConversionError, match=r"unknown EquiformerV2 option\(s\) use_force_encoding"):
+        config_from_fairchem({**small, "use_force_encoding": True})
     with pytest.raises(ConversionError, match="lacks weights"):
         convert_checkpoint({"state_dict": {}, "config": {"model": {"name": "equiformer_v2", "num_layers": 1,
                                                                    "lmax_list": [2], "mmax_list": [1],

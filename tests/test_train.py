@@ -123,6 +123,7 @@ def test_compiled_training_follows_the_eager_losses(demo_data, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["model.forces=conservative"], "cannot train conservative forces"),
     (["model_kind=equiformer_v2"], "supports model_kind=painn only"),
+    (["model.forces=direct", "deepspeed_config=ds_configs/zero3_fp32.json"], "not supported with ZeRO stage 3"),
 ])
 def test_compile_refuses_what_it_cannot_train(demo_data, tmp_path, extra, message):
     cfg = _cfg(demo_data, "max_steps=1", "compile=true", *extra)

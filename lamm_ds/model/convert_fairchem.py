@@ -73,8 +73,6 @@ _DENS_OPTIONS = {"use_force_encoding", "use_noise_schedule_sigma_encoding"}
 _DENS_OFFSET_BIASES = ("backbone.force_embedding.bias", "backbone.noise_schedule_sigma_embedding.bias")
 _DENS_ENCODER_WEIGHTS = {f"backbone.{m}.{p}" for m in ("force_embedding", "noise_schedule_sigma_embedding")
                          for p in ("weight", "bias")}
-_DENS_SKIPPED = re.compile(r"^backbone\.(force_embedding\.weight|noise_schedule_sigma_embedding\.weight)$"
-                           r"|\.denoising_pos_block\.")
 _SKIP = re.compile(r"(^|\.)(SO3_rotation|mappingReduced|SO3_grid|mapping)\.|(^|\.)(expand_index|balance_degree_weight"
                    r"|to_grid_mat|from_grid_mat)$|distance_expansion\.offset$|^energy_lin_ref$")
 
@@ -249,19 +247,17 @@ def _map_key(raw_key: str, monolithic: bool, energy_head: str | None, force_head
 
 
 def _dens_offset(mapped: dict, backbone_kw: dict) -> dict:
-    """DeNS: the encoders' l = 0 biases summed into ``backbone.l0_offset``; their weights (which
-    only see the noise) and the denoising block dropped. Logged, so the user knows."""
+    """DeNS: the encoders' l = 0 biases summed into ``backbone.l0_offset``, the rest of the encoders
+    (weights that only see the noise) dropped. The force head's denoising_pos_block never gets
+    here: ``_map_key`` does not map it."""
     biases = [_DENS_OFFSET_BIASES[0]]
     if backbone_kw.get("use_noise_schedule_sigma_encoding", False):
         biases.append(_DENS_OFFSET_BIASES[1])
     missing = [b for b in biases if b not in mapped]
     if missing:
         raise ConversionError(f"DeNS checkpoint lacks {missing}")
-    offset = sum(mapped.pop(b).double() for b in biases)
-    dropped = sorted(k for k in mapped if _DENS_SKIPPED.search(k) or k in _DENS_OFFSET_BIASES)
-    for k in dropped:
-        mapped.pop(k)
-    return {**mapped, "backbone.l0_offset": offset}
+    offset = sum(mapped[b].double() for b in biases)
+    return {**{k: v for k, v in mapped.items() if k not in _DENS_ENCODER_WEIGHTS}, "backbone.l0_offset": offset}
 
 
 WEIGHTS = ("auto", "ema", "raw")

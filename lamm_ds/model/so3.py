@@ -142,7 +142,6 @@ def wigner_blocks(frames: torch.Tensor, lmax: int) -> list[torch.Tensor]:
     return blocks
 
 
-
 class _PermuteRows(torch.autograd.Function):
     """``x.index_select(1, perm)`` for a permutation, whose gradient is the inverse permutation.
 
@@ -165,6 +164,7 @@ class _PermuteRows(torch.autograd.Function):
 def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """Rows (dim 1) of ``x`` reordered by the permutation ``perm``; ``inverse`` is its inverse."""
     return _PermuteRows.apply(x, perm, inverse)
+
 
 class EdgeRotation:
     """Per-degree Wigner rows of the edge frames, and the rotations in and out of the edge frame.
