@@ -219,7 +219,13 @@ def test_finetune_adds_a_head(reference_run, demo_data, tmp_path):
     after = lamm_ds.load_model(tmp_path / "ft" / "model.safetensors")
     assert after.dataset_names == before.dataset_names + ["demo_downstream"]
     b, a = before.state_dict(), after.state_dict()
-    assert all(torch.equal(b[k], a[k]) for k in b if k.startswith("backbone."))  # frozen
+    emb = "backbone.embedding.weight"
+    assert all(torch.equal(b[k], a[k]) for k in b if k.startswith("backbone.") and k != emb)  # frozen
+    # Pd and Au are in demo_downstream only: their rows start from their group's trained elements
+    # (Pd: Ni and Pt; Au: Ag, one period up), the others stay
+    others = [z for z in range(b[emb].shape[0]) if z not in (46, 79)]
+    assert torch.equal(a[emb][others], b[emb][others]) and torch.equal(a[emb][79], b[emb][47])
+    assert torch.allclose(a[emb][46], (b[emb][28] + b[emb][78]) / 2)
     assert not torch.equal(b["heads.demo_metals.mlp.0.weight"], a["heads.demo_downstream.mlp.0.weight"])
     summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
     assert summary["evaluation"]["demo_downstream_test"]["forces_mae"] > 0

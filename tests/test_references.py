@@ -65,13 +65,37 @@ def test_zero_and_per_element_references(alloy):
     assert mixed.references[13] == -2.0 and mixed.references[29] != 0
 
 
+def test_average_references_give_every_element_the_mean_energy_per_atom(alloy):
+    _, ds, _ = alloy
+    frames = [ds[i] for i in range(len(ds))]
+    mean = np.mean([s.energy / s.natoms for s in frames])
+    st = fit_stats(ds, MAX_Z, 100, entry=DatasetConfig(name="alloy", references="average"))
+    assert st.references[29] == pytest.approx(mean) and st.references[13] == pytest.approx(mean)
+    assert np.count_nonzero(st.references) == 2
+    given = fit_stats(ds, MAX_Z, 100, entry=DatasetConfig(name="alloy", references="average",
+                                                          reference_energies={"Al": -2.0}))
+    assert given.references[13] == -2.0 and given.references[29] == pytest.approx(mean)
+
+
+def test_average_references_need_energies(tmp_path):
+    frames = []
+    for k in range(3):
+        a = _labelled(bulk("Cu", "fcc", a=3.6, cubic=True))
+        a.calc.results.pop("energy")
+        frames.append(a)
+    ase.io.write(tmp_path / "forces_only.xyz", frames)
+    ingest([str(tmp_path / "forces_only.xyz")], tmp_path / "ds", IngestOptions(name="fo", progress=False))
+    with pytest.raises(ValueError, match=r"dataset 'fo' .*references 'average' needs energies"):
+        fit_stats(LmdbDataset(tmp_path / "ds"), MAX_Z, 100, entry=DatasetConfig(name="fo", references="average"))
+
+
 def test_reference_errors_name_the_dataset_file_and_element(alloy):
     root, ds, _ = alloy
     with pytest.raises(ValueError, match=r"no reference energy for Al \(Z=13\) in .*iso_cu\.xyz"):
         fit_stats(ds, MAX_Z, 100, entry=DatasetConfig(name="alloy", references=f"isolated:{root / 'iso_cu.xyz'}"))
-    with pytest.raises(ValueError, match="references must be 'fit', 'zero' or 'isolated:<file>'"):
-        DatasetConfig(name="alloy", references="average")
-    with pytest.raises(ValueError, match="reference_energies needs references 'zero' or 'isolated"):
+    with pytest.raises(ValueError, match="references must be 'fit', 'average', 'zero' or 'isolated:<file>'"):
+        DatasetConfig(name="alloy", references="mean")
+    with pytest.raises(ValueError, match="reference_energies needs references 'zero', 'average' or 'isolated"):
         fit_stats(ds, MAX_Z, 100, entry=DatasetConfig(name="alloy", reference_energies={"Cu": -1.0}))
     with pytest.raises(ValueError, match="'Xx' is not an element"):
         fit_stats(ds, MAX_Z, 100, entry=DatasetConfig(name="alloy", references="zero", reference_energies={"Xx": 1}))

@@ -29,12 +29,13 @@ class DatasetConfig:
     path: str = ""
     head: Optional[str] = None  # evaluation only: the energy head to use (default: `name`, else the first)
     references: str = "fit"     # per-element reference energies (E0s) of a new head: "fit" (least squares on
-                                # the set), "zero", or "isolated:<file>" (single-atom structures' energies)
+                                # the set), "average" (the set's mean energy per atom for every element),
+                                # "zero", or "isolated:<file>" (single-atom structures' energies)
     reference_energies: dict[str, float] = field(default_factory=dict)  # element symbol -> eV, overrides the above
 
     def __post_init__(self) -> None:
-        if self.references not in ("fit", "zero") and not self.references.startswith("isolated:"):
-            raise ValueError(f"dataset {self.name!r}: references must be 'fit', 'zero' or 'isolated:<file>', "
+        if self.references not in ("fit", "average", "zero") and not self.references.startswith("isolated:"):
+            raise ValueError(f"dataset {self.name!r}: references must be 'fit', 'average', 'zero' or 'isolated:<file>', "
                              f"got {self.references!r}")
 
 
@@ -73,15 +74,29 @@ class CheckpointConfig:
 @dataclass
 class FinetuneConfig:
     init: Optional[str] = None          # exported model file or DeepSpeed checkpoint directory
-    freeze_backbone: bool = False
+    freeze_backbone: bool = False       # train the energy heads (and force head) only
+    freeze_embeddings: bool = False     # keep the input side fixed: element embeddings, radial/edge-degree tables
+    freeze_layers: int = 0              # keep the first k message-passing layers fixed
     backbone_lr_ratio: float = 1.0      # backbone LR = ratio * optim.lr (heads use optim.lr)
-    head_init_from: Optional[str] = None  # warm-start new heads from this pre-trained head
+    layer_lr_decay: float = 1.0         # layer-wise LR decay: depth d of L+1 gets ratio * decay^(L+1-d) (1: off)
+    head_init_from: Optional[str] = "auto"  # new heads copy this pre-trained head; "auto": the head whose
+                                            # training elements are closest to the new set's; null: random
+    new_elements: str = "similar"       # embedding rows of elements the backbone never saw: "similar" (mean of
+                                        # the nearest trained elements in the periodic table) or "random"
     forces: Optional[str] = None        # null: keep the pre-trained model's force mode (warns if direct);
                                         # "conservative" (F = -dE/dx, drops a direct head) or "direct"
 
     def __post_init__(self) -> None:
         if self.forces not in (None, "direct", "conservative"):
             raise ValueError(f"finetune.forces must be null, 'direct' or 'conservative', got {self.forces!r}")
+        if self.new_elements not in ("similar", "random"):
+            raise ValueError(f"finetune.new_elements must be 'similar' or 'random', got {self.new_elements!r}")
+        if self.freeze_layers < 0:
+            raise ValueError(f"finetune.freeze_layers must be >= 0, got {self.freeze_layers}")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise ValueError(f"finetune.layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
+        if self.backbone_lr_ratio < 0:
+            raise ValueError(f"finetune.backbone_lr_ratio must be >= 0, got {self.backbone_lr_ratio}")
 
 
 @dataclass

@@ -41,13 +41,16 @@ def fit_stats(dataset: LmdbDataset, max_z: int, samples: int, seed: int = 0,
     """References/normalisation from up to ``samples`` structures, chosen without decoding the rest.
     ``entry``: the dataset's config, whose ``references`` / ``reference_energies`` choose the E0s."""
     chosen = labelled_sample(dataset.index["has_energy"], dataset.index["has_forces"], samples, seed)
-    refs = None if entry is None else chosen_references(entry, dataset, max_z)
-    return fit_dataset_stats((dataset[int(k)] for k in chosen), max_z, refs)
+    structures = [dataset[int(k)] for k in chosen]
+    refs = None if entry is None else chosen_references(entry, dataset, max_z, structures)
+    return fit_dataset_stats(structures, max_z, refs)
 
 
-def chosen_references(entry: DatasetConfig, dataset: LmdbDataset, max_z: int) -> np.ndarray | None:
+def chosen_references(entry: DatasetConfig, dataset: LmdbDataset, max_z: int,
+                      structures: list | None = None) -> np.ndarray | None:
     """Per-element reference energies set by the config (None: the least-squares fit). Every element
-    of the dataset must get one; errors name the dataset, the file and the elements."""
+    of the dataset must get one; errors name the dataset, the file and the elements. ``structures``:
+    the sample the ``average`` E0 is taken over."""
     from ase.data import atomic_numbers, chemical_symbols
 
     if entry.references == "fit" and not entry.reference_energies:
@@ -55,8 +58,12 @@ def chosen_references(entry: DatasetConfig, dataset: LmdbDataset, max_z: int) ->
     given: dict[int, float] = {}
     source = "reference_energies"
     if entry.references == "fit":
-        raise ValueError(f"dataset {entry.name!r}: reference_energies needs references 'zero' or 'isolated:<file>' "
-                         "(with 'fit' the least-squares fit sets every element)")
+        raise ValueError(f"dataset {entry.name!r}: reference_energies needs references 'zero', 'average' or "
+                         "'isolated:<file>' (with 'fit' the least-squares fit sets every element)")
+    if entry.references == "average":
+        source = "the average energy per atom"
+        given.update(dict.fromkeys((int(z) for z in dataset.manifest["elements"]),
+                                   average_energy_per_atom(entry, dataset, structures or [])))
     if entry.references.startswith("isolated:"):
         source = entry.references[len("isolated:"):]
         given.update(isolated_atom_energies(source))
@@ -76,6 +83,17 @@ def chosen_references(entry: DatasetConfig, dataset: LmdbDataset, max_z: int) ->
             raise ValueError(f"dataset {entry.name!r}: no reference energy for {names} in {source}; add them there "
                              "or under reference_energies")
     return refs
+
+
+def average_energy_per_atom(entry: DatasetConfig, dataset: LmdbDataset, structures: list) -> float:
+    """Mean of E/N over the structures with an energy: one E0 for every element (MACE's simplest
+    choice; robust where a least-squares fit is underdetermined, e.g. few structures of one
+    composition)."""
+    per_atom = [s.energy / s.natoms for s in structures if s.energy is not None]
+    if not per_atom:
+        raise ValueError(f"dataset {entry.name!r} ({dataset.path}): references 'average' needs energies, and the "
+                         "sampled structures have none")
+    return float(np.mean(per_atom))
 
 
 def isolated_atom_energies(path: str) -> dict[int, float]:

@@ -1,6 +1,6 @@
 """The model a run trains: a fresh one (references and normalisation fitted per dataset), or a
-pre-trained one for fine-tuning (new heads, optional force-mode switch, frozen backbone, a
-report of elements it never saw)."""
+pre-trained one for fine-tuning (new heads copied from the closest pre-trained head, optional
+force-mode switch, frozen parts, elements it never saw reported and started from similar ones)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 
 from lamm_ds.engine.checkpoint import CheckpointError
-from lamm_ds.engine.config import RunConfig, model_config
+from lamm_ds.engine.config import ConfigError, RunConfig, model_config
 from lamm_ds.engine.data import fit_stats
-from lamm_ds.engine.export import build_potential, load_model
+from lamm_ds.engine.export import build_potential, format_elements, load_model
+from lamm_ds.model.elements import closest_head, init_new_element_rows
+from lamm_ds.model.layers import num_layers, parameter_depth
 from lamm_ds.model.potential import Potential
 
 log = logging.getLogger("lamm_ds")
@@ -30,25 +32,71 @@ def build_model(cfg: RunConfig, datasets) -> Potential:
 
 
 def build_or_init_model(cfg: RunConfig, datasets, rank: int) -> Potential:
-    """A fresh model, or (fine-tuning) a pre-trained one with heads added for new datasets."""
+    """A fresh model, or (fine-tuning) a pre-trained one: new elements' embeddings initialised, heads
+    added for new datasets, the chosen parts frozen."""
     ft = cfg.finetune
     if ft.init is None:
         return build_model(cfg, datasets)
     model = load_pretrained(ft.init)
     model = finetune_force_mode(model, ft.forces, ft.init, rank)
-    if rank == 0:
-        report_new_elements(model, datasets)
+    new = report_new_elements(model, datasets) if rank == 0 else new_elements(model, datasets)
+    if new and ft.new_elements == "similar":
+        init_new_elements(model, new, rank)
     for entry, d in zip(cfg.data.datasets, datasets, strict=True):
         if d.name not in model.dataset_names:
             stats = fit_stats(d, model.cfg.max_z, cfg.data.stats_samples, cfg.seed, entry)
-            model.add_dataset(d.name, stats, init_from=ft.head_init_from)
+            source = head_to_copy(model, ft.head_init_from, d)
+            model.add_dataset(d.name, stats, init_from=source)
             if rank == 0:
-                log.info("fine-tuning: new head %r (references fitted on %s)", d.name, d.path)
-    if ft.freeze_backbone:
-        for n, p in model.named_parameters():
-            if not n.startswith("heads."):
-                p.requires_grad_(False)
+                log.info("fine-tuning: new head %r (references fitted on %s; %s)", d.name, d.path,
+                         f"MLP copied from head {source!r}" if source else "random MLP")
+    freeze(model, ft)
     return model.train()
+
+
+def head_to_copy(model: Potential, choice: str | None, dataset) -> str | None:
+    """The pre-trained head a new head copies: a named one, the closest by composition ("auto"), or none."""
+    if choice is None:
+        return None
+    if choice != "auto":
+        if choice not in model.dataset_names:
+            raise ConfigError(f"finetune.head_init_from={choice!r} is not a head of the pre-trained model; "
+                              f"its heads: {model.dataset_names}")
+        return choice
+    trained = {h: zs for h, zs in (getattr(model, "trained_elements", None) or {}).items()
+               if h in model.dataset_names}
+    wanted = [int(z) for z in dataset.manifest.get("elements", [])]
+    picked = closest_head(wanted, trained)
+    if picked is None and len(model.dataset_names) == 1:
+        return model.dataset_names[0]  # one head, coverage unknown (e.g. a converted fairchem model)
+    return picked
+
+
+def freeze(model: Potential, ft) -> None:
+    """``requires_grad_(False)`` on the frozen parts: the whole backbone, its input side, or its first layers."""
+    if ft.freeze_layers > num_layers(model):
+        raise ConfigError(f"finetune.freeze_layers={ft.freeze_layers}, but the model has {num_layers(model)} layers")
+    for name, p in model.named_parameters():
+        depth = parameter_depth(model, name)
+        backbone_part = name.startswith("backbone.") and depth <= num_layers(model)
+        if ((ft.freeze_backbone and name.startswith("backbone."))
+                or (ft.freeze_embeddings and backbone_part and depth == 0)
+                or (backbone_part and 1 <= depth <= ft.freeze_layers)):
+            p.requires_grad_(False)
+
+
+def init_new_elements(model: Potential, new: list[int], rank: int) -> None:
+    """Each new element's embedding rows := the mean of its nearest trained elements' rows."""
+    known = set().union(*map(set, model.trained_elements.values())) if model.trained_elements else set()
+    sources = init_new_element_rows(model, new, known)
+    if rank == 0:
+        for z, like in sources.items():
+            if like:
+                log.info("fine-tuning: embedding rows of %s initialised as the mean of %s (nearest trained "
+                         "elements in the periodic table)", format_elements([z]), format_elements(like))
+            else:
+                log.warning("fine-tuning: no trained element to initialise %s from; its rows stay random",
+                            format_elements([z]))
 
 
 DIRECT_FORCES_WARNING = (
@@ -89,25 +137,28 @@ def _is_force_head_key(key: str) -> bool:
     return key.startswith(("force_head.", "force_block.", "backbone.force_block."))
 
 
-def report_new_elements(model: Potential, datasets) -> None:
-    """Say loudly which elements of the fine-tuning data the pre-trained backbone never saw."""
-    from ase.data import chemical_symbols
-
+def new_elements(model: Potential, datasets) -> list[int]:
+    """Elements of the fine-tuning data that the pre-trained backbone never saw (empty when unknown)."""
     seen = getattr(model, "trained_elements", None)
-    wanted = sorted({int(z) for d in datasets for z in d.manifest.get("elements", [])})
     if seen is None:
+        return []
+    known = set().union(*map(set, seen.values())) if seen else set()
+    return sorted({int(z) for d in datasets for z in d.manifest.get("elements", [])} - known)
+
+
+def report_new_elements(model: Potential, datasets) -> list[int]:
+    """Say loudly which elements of the fine-tuning data the pre-trained backbone never saw; returns them."""
+    if getattr(model, "trained_elements", None) is None:
         log.warning("fine-tuning: the pre-trained model does not record which elements it was trained on "
                     "(exported by an older lamm-ds, or converted); elements new to it cannot be reported")
-        return
-    known = set().union(*map(set, seen.values())) if seen else set()
-    new = [z for z in wanted if z not in known]
+        return []
+    new = new_elements(model, datasets)
     if new:
-        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in new)
-        log.warning("fine-tuning: %d element(s) the pre-trained model never saw: %s. Their embedding rows were "
-                    "never trained and start from their random initial values, and no pre-trained head has a "
-                    "reference energy for them (the new head fits one from the fine-tuning data). Expect the "
-                    "fine-tune to gain little over training from scratch for structures holding them.",
-                    len(new), names)
+        log.warning("fine-tuning: %d element(s) the pre-trained model never saw: %s. No pre-trained head has a "
+                    "reference energy for them (the new head fits one from the fine-tuning data), and their "
+                    "embedding rows were never trained (finetune.new_elements=similar starts them from the "
+                    "nearest trained elements').", len(new), format_elements(new))
+    return new
 
 
 def load_pretrained(path: str) -> Potential:

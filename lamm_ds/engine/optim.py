@@ -1,4 +1,5 @@
-"""The optimiser: AdamW with per-group learning rates (heads, backbone) and the warm-up + cosine
+"""The optimiser: AdamW with per-group learning rates (heads, backbone or its depths under
+layer-wise decay) and the warm-up + cosine
 (or constant) schedule, as a factor of ``optim.lr`` per step."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import math
 import torch
 
 from lamm_ds.engine.config import RunConfig
+from lamm_ds.model.layers import num_layers, parameter_depth
 from lamm_ds.model.potential import Potential
 
 
@@ -24,12 +26,22 @@ def lr_factor(step: int, cfg: RunConfig) -> float:
 
 
 def param_groups(model: Potential, cfg: RunConfig) -> list[dict]:
+    """Energy heads at ``optim.lr``; everything else at ``lr * backbone_lr_ratio``, times
+    ``layer_lr_decay ** (L + 1 - depth)`` with layer-wise decay (one group per depth, input side
+    slowest; the force head and final norm sit at the top, depth L + 1)."""
     ft = cfg.finetune
-    backbone = [p for n, p in model.named_parameters() if not n.startswith("heads.") and p.requires_grad]
+    top = num_layers(model) + 1
     heads = [p for n, p in model.named_parameters() if n.startswith("heads.") and p.requires_grad]
     groups = [{"params": heads, "lr": cfg.optim.lr, "name": "heads"}]
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.optim.lr * ft.backbone_lr_ratio, "name": "backbone"})
+    by_depth: dict[int, list] = {}
+    for n, p in model.named_parameters():
+        if not n.startswith("heads.") and p.requires_grad:
+            depth = parameter_depth(model, n) if ft.layer_lr_decay != 1.0 else top
+            by_depth.setdefault(depth, []).append(p)
+    for depth in sorted(by_depth, reverse=True):
+        lr = cfg.optim.lr * ft.backbone_lr_ratio * ft.layer_lr_decay ** (top - depth)
+        name = "backbone" if ft.layer_lr_decay == 1.0 else f"backbone_depth{depth}"
+        groups.append({"params": by_depth[depth], "lr": lr, "name": name})
     return groups
 
 

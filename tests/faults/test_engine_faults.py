@@ -430,7 +430,10 @@ def test_finetuning_on_elements_the_model_never_saw_is_reported(done_run, demo_d
                        "--max-steps", "2", "data.batch_size=4", "denoise_unlabelled=false", "eval_datasets=[]",
                        "finetune.forces=direct", f"data.datasets=[{{name: au, path: {tmp_path / 'au'}}}]"))
     assert "element(s) the pre-trained model never saw: Au (Z=79)" in proc.stderr
-    assert "random initial values" in proc.stderr
+    assert "embedding rows of Au (Z=79) initialised as the mean of" in proc.stderr
+    import lamm_ds
+
+    assert lamm_ds.load_model(tmp_path / "ft" / "model.safetensors").trained_elements["au"] == [79]
 
 
 def test_an_eval_set_without_a_head_is_refused_before_training(demo_data, tmp_path):
