@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -86,16 +87,20 @@ def verify_checkpoint(ckpt_root: Path, tag: str) -> dict:
     return manifest
 
 
-def save_checkpoint(engine, ckpt_root: Path, step: int, keep_last: int, rank: int, world: int) -> str:
+def save_checkpoint(engine, ckpt_root: Path, step: int, keep_last: int, rank: int, world: int,
+                    rank0_extra: Callable[[Path], object] | None = None) -> str:
     """All ranks: DeepSpeed states + per-rank RNG; then rank 0 seals it and moves ``latest``.
 
-    ``latest`` is replaced atomically only after every file is written and hashed, so a kill at any
-    moment leaves it pointing to a complete checkpoint.
+    ``rank0_extra(tag_dir)``: rank 0 writes more state there (the weights' EMA) before the seal, so
+    ``lamm_complete.json`` covers it too. ``latest`` is replaced atomically only after every file
+    is written and hashed, so a kill at any moment leaves it pointing to a complete checkpoint.
     """
     tag = f"step{step + 1:08d}"
     engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"next_step": step + 1}, save_latest=False)
     tag_dir = ckpt_root / tag
     (tag_dir / f"rng_rank{rank:05d}.json").write_text(json.dumps(_rng_state()))
+    if rank == 0 and rank0_extra is not None:
+        rank0_extra(tag_dir)
     dist.barrier()
     if rank == 0:
         files = {str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)}

@@ -59,10 +59,14 @@ class OptimConfig:
     schedule: str = "cosine"            # "cosine" (to min_lr_ratio * lr) or "constant"
     min_lr_ratio: float = 0.05
     grad_clip: float = 10.0             # max global gradient norm; 0 disables
+    ema_decay: float = 0.0              # exponential moving average of the weights (e.g. 0.999), exported as the
+                                        # model; 0: off (engine/ema.py)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if not (self.ema_decay == 0 or 0 < self.ema_decay < 1):
+            raise ValueError(f"optim.ema_decay must be 0 (off) or in (0, 1), e.g. 0.999, got {self.ema_decay}")
 
 
 @dataclass

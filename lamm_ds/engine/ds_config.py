@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from lamm_ds.engine.config import RunConfig
+from lamm_ds.engine.config import ConfigError, RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,3 +74,13 @@ def check_compile(cfg: RunConfig, ds_config: dict, model_cfg) -> None:
     if stage == 3:
         raise ValueError(f"compile=true is not supported with ZeRO stage 3 ({cfg.deepspeed_config}); use ZeRO 0-2 "
                          "or compile=false")
+
+
+def check_ema(cfg: RunConfig, ds_config: dict) -> None:
+    """Refuse ``optim.ema_decay`` under ZeRO stage 3: each rank holds only a shard of every weight,
+    so there is no whole weight to average without gathering the model every step."""
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    if cfg.optim.ema_decay and stage == 3:
+        raise ConfigError(f"optim.ema_decay={cfg.optim.ema_decay}: the moving average of the weights needs whole "
+                          f"weights on every rank, which ZeRO stage 3 ({cfg.deepspeed_config}) partitions; use "
+                          "ZeRO 0-2 or optim.ema_decay=0")

@@ -9,8 +9,8 @@ needs to be communicated and a resumed run continues with exactly the draws it w
 
 Where each part lives (docs/architecture.md): process group ``distributed``, run directory
 ``rundir``, checkpoints ``checkpoint``, the model ``model_init``, the optimiser ``optim``, the
-DeepSpeed JSON ``ds_config``, per-rank batches ``data``, the step ``step``, what is recorded
-``telemetry``, learning curves ``curve``, the end of a run ``finish``.
+DeepSpeed JSON ``ds_config``, per-rank batches ``data``, the step ``step``, the weights' moving
+average ``ema``, what is recorded ``telemetry``, learning curves ``curve``, the end of a run ``finish``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from lamm_ds.engine.curve import EvalCurve
 from lamm_ds.engine.data import open_datasets, step_loader
 from lamm_ds.engine.distributed import (RendezvousError, agree, leave_process_group, rendezvous_env,
                                          setup_distributed)
-from lamm_ds.engine.ds_config import check_compile, check_zero_stage, deepspeed_config, resolve_path
+from lamm_ds.engine.ds_config import check_compile, check_ema, check_zero_stage, deepspeed_config, resolve_path
+from lamm_ds.engine.ema import WeightEMA, start_ema
 from lamm_ds.engine.finish import finish_run
 from lamm_ds.engine.guards import UselessDatasetError, check_datasets_contribute, check_eval_heads
 from lamm_ds.engine.launcher_watch import watch_launcher
@@ -84,6 +85,7 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
     optimizer, lr_schedule = build_optimizer(model, cfg)
     check_zero_stage(cfg, ds_config, model.cfg)
     check_compile(cfg, ds_config, model.cfg)
+    check_ema(cfg, ds_config)
     if cfg.compile:  # in place: parameter names, checkpoints and exports stay those of the plain module
         model.compile(dynamic=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_schedule,
@@ -93,6 +95,7 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
         start_step = load_checkpoint(engine, ckpt_root, rank, trust_pickle)
         if rank == 0:
             log.info("resumed from %s at step %d", ckpt_root / latest_tag(ckpt_root), start_step)
+    ema = start_ema(engine, cfg.optim.ema_decay, ckpt_root / latest_tag(ckpt_root) if resume else None)
     record_run_start(run_dir, rank, world, cfg, ds_config, resume)
     graphs = GraphDataset(datasets, model.cfg.cutoff, model.cfg.max_neighbors,
                           strict=model.cfg.max_neighbors_strict)
@@ -105,7 +108,7 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
     guard = NonFiniteGuard(cfg, rank, model.dataset_names, datasets)
     try:
         if start_step == 0:
-            record_curve(curve, engine, cfg, 0)
+            record_curve(curve, engine, cfg, 0, ema)
         tag = latest_tag(ckpt_root) if resume else None
         for step, (epoch, batch, predicted) in zip(range(start_step, cfg.max_steps), loader):
             allreduce.seconds = 0.0
@@ -113,13 +116,16 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
             if result is None:  # skipped on every rank (non-finite loss)
                 telemetry.bar.update(1)
                 continue
+            if ema is not None:
+                ema.update(engine)
             telemetry.after_step(step, result, allreduce.seconds, predicted, engine, guard.skipped)
-            record_curve(curve, engine, cfg, step + 1)
+            record_curve(curve, engine, cfg, step + 1, ema)
             if step == cfg.max_steps - 1 or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
-                tag = save_checkpoint(engine, ckpt_root, step, cfg.checkpoint.keep_last, rank, world)
+                tag = save_checkpoint(engine, ckpt_root, step, cfg.checkpoint.keep_last, rank, world,
+                                      ema.save if ema is not None else None)
         telemetry.bar.close()
         return finish_run(engine, model, datasets, cfg, run_dir, tag, rank, world, start_step, guard.skipped,
-                          telemetry.history, telemetry.writer)
+                          telemetry.history, telemetry.writer, ema)
     finally:
         telemetry.close()
 
@@ -205,14 +211,17 @@ def record_run_start(run_dir: Path, rank: int, world: int, cfg: RunConfig, ds_co
     (run_dir / "environment.json").write_text(json.dumps(environment(world), indent=2))
 
 
-def record_curve(curve: EvalCurve | None, engine, cfg: RunConfig, steps_done: int) -> None:
-    """A learning-curve point when one is due: rank 0 evaluates (an fp32 view of) the module while
-    the other ranks wait at the barrier."""
+def record_curve(curve: EvalCurve | None, engine, cfg: RunConfig, steps_done: int,
+                 ema: WeightEMA | None = None) -> None:
+    """A learning-curve point when one is due: rank 0 evaluates (an fp32 view of) the module, or a
+    copy holding the weights' EMA when there is one, while the other ranks wait at the barrier."""
     if not EvalCurve.is_due(cfg, steps_done):
         return
     if curve is not None:
         module = engine.module
-        if next(module.parameters()).dtype != torch.float32:
+        if ema is not None:
+            module = ema.module_copy(module)
+        elif next(module.parameters()).dtype != torch.float32:
             module = copy.deepcopy(module).float()
         curve.record(module, steps_done)  # evaluate() restores the module's training mode
     dist.barrier()
