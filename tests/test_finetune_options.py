@@ -56,7 +56,8 @@ def test_nearest_elements_prefer_the_same_group():
 def test_new_element_rows_are_the_mean_of_their_nearest_trained_elements():
     model = _eqv2()
     tables = element_tables(model)
-    assert len(tables) == 9  # sphere embedding; source/target tables of the edge-degree embedding, 2 blocks, force block
+    # the sphere embedding; source/target tables of the edge-degree embedding, both blocks, the force block
+    assert len(tables) == 9
     before = {n: t.weight.detach().clone() for n, t in tables}
     sources = init_new_element_rows(model, [Z["Mo"]], [Z["Cr"], Z["W"], Z["Cu"]])
     assert sources == {Z["Mo"]: [Z["Cr"], Z["W"]]}

@@ -32,10 +32,21 @@ class DatasetConfig:
                                 # the set), "average" (the set's mean energy per atom for every element),
                                 # "zero", or "isolated:<file>" (single-atom structures' energies)
     reference_energies: dict[str, float] = field(default_factory=dict)  # element symbol -> eV, overrides the above
+    samples: int = 0                # train on this many of its structures (0: all), chosen by `selection`
+    selection: str = "random"       # "random" (seeded) or "fps": farthest-point sampling in the initial model's
+                                    # feature space (per-structure mean of the backbone's invariant features)
+    share: Optional[float] = None   # a fixed fraction of the draws (e.g. replay); null: temperature sampling
 
     def __post_init__(self) -> None:
+        if self.samples < 0:
+            raise ValueError(f"dataset {self.name!r}: samples must be >= 0, got {self.samples}")
+        if self.selection not in ("random", "fps"):
+            raise ValueError(f"dataset {self.name!r}: selection must be 'random' or 'fps', got {self.selection!r}")
+        if self.share is not None and not 0 < self.share < 1:
+            raise ValueError(f"dataset {self.name!r}: share must be in (0, 1) or null, got {self.share}")
         if self.references not in ("fit", "average", "zero") and not self.references.startswith("isolated:"):
-            raise ValueError(f"dataset {self.name!r}: references must be 'fit', 'average', 'zero' or 'isolated:<file>', "
+            raise ValueError(f"dataset {self.name!r}: references must be 'fit', 'average', 'zero' or "
+                             "'isolated:<file>', "
                              f"got {self.references!r}")
 
 
@@ -89,8 +100,16 @@ class FinetuneConfig:
                                         # the nearest trained elements in the periodic table) or "random"
     forces: Optional[str] = None        # null: keep the pre-trained model's force mode (warns if direct);
                                         # "conservative" (F = -dE/dx, drops a direct head) or "direct"
+    replay: list[str] = field(default_factory=list)  # "DATASET_DIR[:N]": pre-training data mixed in, into the
+                                                     # pre-trained head of the dataset's name (N: a subset)
+    replay_share: float = 0.2           # fraction of the draws the replay sets get together
+    replay_selection: str = "random"    # how the N replayed structures are chosen: "random" or "fps"
 
     def __post_init__(self) -> None:
+        if not 0 < self.replay_share < 1:
+            raise ValueError(f"finetune.replay_share must be in (0, 1), got {self.replay_share}")
+        if self.replay_selection not in ("random", "fps"):
+            raise ValueError(f"finetune.replay_selection must be 'random' or 'fps', got {self.replay_selection!r}")
         if self.forces not in (None, "direct", "conservative"):
             raise ValueError(f"finetune.forces must be null, 'direct' or 'conservative', got {self.forces!r}")
         if self.new_elements not in ("similar", "random"):

@@ -3,21 +3,27 @@ batches (the scheduler's split of the step's mixture draws)."""
 
 from __future__ import annotations
 
+import dataclasses
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lamm_ds.engine.config import DatasetConfig
+from lamm_ds.engine.config import ConfigError, DatasetConfig, RunConfig
 from lamm_ds.graphs import GraphDataset, collate
 from lamm_ds.mixture import MixtureStream
 from lamm_ds.model.heads import DatasetStats, fit_dataset_stats
 from lamm_ds.scheduler import StepScheduler, rank_slice
-from lamm_ds.shards import LmdbDataset, is_dataset_dir
+from lamm_ds.shards import LmdbDataset, is_dataset_dir, read_manifest
+from lamm_ds.shards.subset import SubsetDataset
 
 
-def open_datasets(entries: list[DatasetConfig], demo_dir: str | None = None) -> list[LmdbDataset]:
-    """Open every configured dataset; generates the demo data first when configured and missing."""
+def open_datasets(entries: list[DatasetConfig], demo_dir: str | None = None, seed: int = 0) -> list[LmdbDataset]:
+    """Open every configured dataset; generates the demo data first when configured and missing. An
+    entry with ``samples: N`` becomes a :class:`SubsetDataset` of N structures drawn at random
+    (``seed`` and its name fix the draw; with ``selection: fps`` a pool of candidates that
+    :func:`lamm_ds.engine.replay.select_fps` narrows once the model exists)."""
     if not entries:
         raise ValueError("data.datasets is empty: list at least one {name, path}")
     names = [e.name for e in entries]
@@ -32,8 +38,57 @@ def open_datasets(entries: list[DatasetConfig], demo_dir: str | None = None) -> 
         if not is_dataset_dir(e.path):
             raise FileNotFoundError(f"dataset {e.name!r}: {e.path} is not a lamm-ds dataset directory "
                                     "(create it with `lamm-ds ingest`)")
-        out.append(LmdbDataset(e.path))
+        ds = LmdbDataset(e.path)
+        out.append(random_subset(ds, e, seed) if e.samples else ds)
     return out
+
+
+FPS_POOL = 10  # candidates per wanted structure for farthest-point sampling
+
+
+def random_subset(ds: LmdbDataset, entry: DatasetConfig, seed: int):
+    """``entry.samples`` structures of ``ds`` (FPS: up to FPS_POOL times as many candidates), seeded."""
+    want = entry.samples * (FPS_POOL if entry.selection == "fps" else 1)
+    if want >= len(ds):
+        return SubsetDataset(ds, np.arange(len(ds))) if entry.selection == "fps" else ds
+    rng = np.random.default_rng([seed, zlib.crc32(entry.name.encode())])
+    return SubsetDataset(ds, rng.choice(len(ds), size=want, replace=False))
+
+
+def with_replay(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with each ``finetune.replay`` item ("DATASET_DIR[:N]") added to ``data.datasets``: named
+    after the dataset (its pre-trained head), N structures chosen by ``replay_selection``, the replay
+    sets together taking ``replay_share`` of the draws (split by their sizes' temperature weights)."""
+    ft = cfg.finetune
+    if not ft.replay:
+        return cfg
+    items = [parse_replay(item) for item in ft.replay]
+    sizes = [n or read_manifest(path)["num_samples"] for path, n in items]
+    weights = np.asarray(sizes, dtype=float) ** (1.0 / cfg.data.temperature)
+    extra = [DatasetConfig(name=read_manifest(path)["name"], path=path, samples=n, selection=ft.replay_selection,
+                           share=float(ft.replay_share * w / weights.sum()))
+             for (path, n), w in zip(items, weights)]
+    clash = {e.name for e in extra} & {e.name for e in cfg.data.datasets}
+    if clash:
+        raise ConfigError(f"finetune.replay: {sorted(clash)} already in data.datasets; list a dataset once")
+    data = dataclasses.replace(cfg.data, datasets=[*cfg.data.datasets, *extra])
+    return dataclasses.replace(cfg, data=data)
+
+
+def parse_replay(item: str) -> tuple[str, int]:
+    """"DIR" or "DIR:N" -> (DIR, N or 0); the directory must be a lamm-ds dataset."""
+    path, _, n = item.rpartition(":") if item.rpartition(":")[2].isdigit() else (item, "", "")
+    if not is_dataset_dir(path):
+        raise ConfigError(f"finetune.replay: {path} is not a lamm-ds dataset directory (from {item!r})")
+    if n and int(n) < 1:
+        raise ConfigError(f"finetune.replay: {item!r}: N must be >= 1")
+    return path, int(n or 0)
+
+
+def run_stream(cfg: RunConfig, datasets) -> MixtureStream:
+    """The run's mixture stream: temperature sampling over the datasets, fixed shares where configured."""
+    return MixtureStream([len(d) for d in datasets], cfg.data.temperature, cfg.seed, cfg.data.epoch_length,
+                         shares=[e.share for e in cfg.data.datasets])
 
 
 def fit_stats(dataset: LmdbDataset, max_z: int, samples: int, seed: int = 0,

@@ -31,7 +31,7 @@ from lamm_ds.engine.checkpoint import (LATEST, CheckpointError, latest_tag, load
                                        verify_checkpoint)
 from lamm_ds.engine.config import ConfigError, RunConfig, config_defaults, load_config, to_yaml
 from lamm_ds.engine.curve import EvalCurve
-from lamm_ds.engine.data import open_datasets, step_loader
+from lamm_ds.engine.data import open_datasets, run_stream, step_loader, with_replay
 from lamm_ds.engine.distributed import (RendezvousError, agree, leave_process_group, rendezvous_env,
                                          setup_distributed)
 from lamm_ds.engine.ds_config import check_compile, check_ema, check_zero_stage, deepspeed_config, resolve_path
@@ -41,13 +41,13 @@ from lamm_ds.engine.guards import UselessDatasetError, check_datasets_contribute
 from lamm_ds.engine.launcher_watch import watch_launcher
 from lamm_ds.engine.model_init import build_or_init_model
 from lamm_ds.engine.optim import build_optimizer
+from lamm_ds.engine.replay import select_fps
 from lamm_ds.engine.rundir import (CONFIG_FILE, DS_CONFIG_FILE, ConfigChangedError, RunDirBusyError, RunDirLock,
                                    add_resume_arguments, check_resume_arguments, check_resume_config)
 from lamm_ds.engine.schedule import build_scheduler, check_edge_basis, resolve_cost_model, save_run_cost_model
 from lamm_ds.engine.step import AllReduceTimer, NonFiniteGuard, train_step
 from lamm_ds.engine.telemetry import Telemetry, environment, rank_environment
 from lamm_ds.graphs import GraphDataset
-from lamm_ds.mixture import MixtureStream
 from lamm_ds.shards.dataset import DatasetError
 
 log = logging.getLogger("lamm_ds")
@@ -75,9 +75,11 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
 
     ckpt_root = run_dir / "checkpoints"
     claim_run_dir_on_every_rank(cfg, run_dir, rank, world, device, resume, allow_config_change, lock)
+    started_with, cfg = cfg, with_replay(cfg)  # the run directory keeps the config as given
     datasets, cost_model = open_run_data(cfg, run_dir, rank)
     plan_ranks = check_plan_ranks(cfg, world)
     model = build_or_init_model(cfg, datasets, rank)
+    datasets = select_fps(model, datasets, cfg.data.datasets, run_dir, rank)
     check_datasets_contribute(datasets, cfg, bool(getattr(model.cfg, "stress", False)))
     check_eval_heads(model, cfg.eval_datasets)
     ds_ids = torch.tensor([model.dataset_index(d.name) for d in datasets])
@@ -96,10 +98,10 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
         if rank == 0:
             log.info("resumed from %s at step %d", ckpt_root / latest_tag(ckpt_root), start_step)
     ema = start_ema(engine, cfg.optim.ema_decay, ckpt_root / latest_tag(ckpt_root) if resume else None)
-    record_run_start(run_dir, rank, world, cfg, ds_config, resume)
+    record_run_start(run_dir, rank, world, started_with, ds_config, resume)
     graphs = GraphDataset(datasets, model.cfg.cutoff, model.cfg.max_neighbors,
                           strict=model.cfg.max_neighbors_strict)
-    stream = MixtureStream([len(d) for d in datasets], cfg.data.temperature, cfg.seed, cfg.data.epoch_length)
+    stream = run_stream(cfg, datasets)
     scheduler = build_scheduler(cfg, datasets, stream, plan_ranks, cost_model)
     loader = step_loader(graphs, scheduler, rank, world, start_step, cfg.max_steps, cfg.data.num_workers)
     allreduce = AllReduceTimer(engine)
@@ -172,11 +174,11 @@ def open_run_data(cfg: RunConfig, run_dir: Path, rank: int):
     others wait at the barrier; rank 0 also records the cost model the plans use (read back by
     every rank, and on resume)."""
     if rank == 0:
-        datasets = open_datasets(cfg.data.datasets, cfg.data.demo_dir)
+        datasets = open_datasets(cfg.data.datasets, cfg.data.demo_dir, cfg.seed)
         save_run_cost_model(resolve_cost_model(cfg, run_dir), run_dir)
     dist.barrier()
     if rank != 0:
-        datasets = open_datasets(cfg.data.datasets, None)
+        datasets = open_datasets(cfg.data.datasets, None, cfg.seed)
     cost_model = resolve_cost_model(cfg, run_dir)
     if rank == 0:
         check_edge_basis(cost_model, datasets)
@@ -241,6 +243,10 @@ def parse_args(argv: list[str], finetune: bool = False) -> argparse.Namespace:
     if finetune:
         p.add_argument("--init", required=False, default=None,
                        help="pre-trained model: exported file, or a run directory holding model.safetensors")
+        p.add_argument("--replay", action="append", default=None, metavar="DATASET[:N]",
+                       help="mix this pre-training dataset (a lamm-ds dataset directory) into the fine-tuning, "
+                            "N of its structures (default: all), into its own pre-trained head (repeatable; "
+                            "finetune.replay_share, finetune.replay_selection)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden=128 data.batch_size=32")
     return p.parse_intermixed_args(argv)  # options may follow key=value overrides
@@ -261,6 +267,8 @@ def main(argv: list[str] | None = None, default_config: str = "configs/demo.yaml
         overrides.append(f"max_steps={args.max_steps}")
     if finetune and args.init is not None:
         overrides.append(f"finetune.init={args.init}")
+    if finetune and args.replay:
+        overrides.append(f"finetune.replay={json.dumps(args.replay)}")
     files = [str(resolve_path(f)) for f in (args.config or [default_config])]
     check_resume_arguments(args)
     try:

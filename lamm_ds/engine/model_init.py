@@ -12,7 +12,7 @@ import torch
 
 from lamm_ds.engine.checkpoint import CheckpointError
 from lamm_ds.engine.config import ConfigError, RunConfig, model_config
-from lamm_ds.engine.data import fit_stats
+from lamm_ds.engine.data import fit_stats, parse_replay
 from lamm_ds.engine.export import build_potential, format_elements, load_model
 from lamm_ds.model.elements import closest_head, init_new_element_rows
 from lamm_ds.model.layers import num_layers, parameter_depth
@@ -42,6 +42,7 @@ def build_or_init_model(cfg: RunConfig, datasets, rank: int) -> Potential:
     new = report_new_elements(model, datasets) if rank == 0 else new_elements(model, datasets)
     if new and ft.new_elements == "similar":
         init_new_elements(model, new, rank)
+    check_replay_heads(model, cfg, datasets)
     for entry, d in zip(cfg.data.datasets, datasets, strict=True):
         if d.name not in model.dataset_names:
             stats = fit_stats(d, model.cfg.max_z, cfg.data.stats_samples, cfg.seed, entry)
@@ -52,6 +53,16 @@ def build_or_init_model(cfg: RunConfig, datasets, rank: int) -> Potential:
                          f"MLP copied from head {source!r}" if source else "random MLP")
     freeze(model, ft)
     return model.train()
+
+
+def check_replay_heads(model: Potential, cfg: RunConfig, datasets) -> None:
+    """A replayed set must be one the model was pre-trained on: it trains into that set's own head."""
+    replayed = {parse_replay(item)[0] for item in cfg.finetune.replay}
+    for entry, d in zip(cfg.data.datasets, datasets):
+        if entry.path in replayed and d.name not in model.dataset_names:
+            raise ConfigError(f"finetune.replay: {entry.path} holds dataset {d.name!r}, which is not a head of the "
+                              f"pre-trained model (heads: {model.dataset_names}); replay mixes in the model's own "
+                              "pre-training sets")
 
 
 def head_to_copy(model: Potential, choice: str | None, dataset) -> str | None:

@@ -116,7 +116,7 @@ def calibrate(cfg: RunConfig, batches: int = 40, repeats: int = 3, max_graphs: i
     """Time forward+loss+backward of ``batches`` real micro-batches of mixed sizes drawn from the
     configured data, fit the coefficients against their *stored* atom/edge counts, return the
     model and a report (fit quality and every micro-batch's measured/predicted seconds)."""
-    from lamm_ds.engine.data import open_datasets
+    from lamm_ds.engine.data import open_datasets, run_stream, with_replay
     from lamm_ds.engine.model_init import build_or_init_model
     from lamm_ds.engine.step import prepare_batch
     from lamm_ds.graphs import GraphDataset, collate
@@ -124,12 +124,13 @@ def calibrate(cfg: RunConfig, batches: int = 40, repeats: int = 3, max_graphs: i
     if batches < 8:
         raise ValueError("calibrate: use at least 8 micro-batches (tens are better)")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    datasets = open_datasets(cfg.data.datasets, cfg.data.demo_dir)
+    cfg = with_replay(cfg)
+    datasets = open_datasets(cfg.data.datasets, cfg.data.demo_dir, cfg.seed)
     model = build_or_init_model(cfg, datasets, 0).to(dev).train()
     ds_ids = torch.tensor([model.dataset_index(d.name) for d in datasets])
     graphs = GraphDataset(datasets, model.cfg.cutoff, model.cfg.max_neighbors,
                           strict=model.cfg.max_neighbors_strict)
-    stream = MixtureStream([len(d) for d in datasets], cfg.data.temperature, cfg.seed, cfg.data.epoch_length)
+    stream = run_stream(cfg, datasets)
     view = stream.epoch(0)
     rng = np.random.default_rng(seed)
     hi = max_graphs or max(8, 2 * cfg.data.batch_size)
@@ -191,10 +192,11 @@ def calibrate(cfg: RunConfig, batches: int = 40, repeats: int = 3, max_graphs: i
 def plan_loads(cfg: RunConfig, ranks: int, steps: int, strategies: list[str], cost_model: CostModel,
                datasets=None) -> dict[str, np.ndarray]:
     """Predicted seconds per (step, rank) of the first ``steps`` steps under each strategy."""
-    from lamm_ds.engine.data import open_datasets
+    from lamm_ds.engine.data import open_datasets, run_stream, with_replay
 
-    datasets = datasets if datasets is not None else open_datasets(cfg.data.datasets, cfg.data.demo_dir)
-    stream = MixtureStream([len(d) for d in datasets], cfg.data.temperature, cfg.seed, cfg.data.epoch_length)
+    cfg = with_replay(cfg)
+    datasets = datasets if datasets is not None else open_datasets(cfg.data.datasets, cfg.data.demo_dir, cfg.seed)
+    stream = run_stream(cfg, datasets)
     return {s: build_scheduler(cfg, datasets, stream, ranks, cost_model, strategy=s).loads(0, steps)
             for s in strategies}
 

@@ -118,19 +118,44 @@ def temperature_probabilities(sizes: Sequence[int], temperature: float) -> np.nd
     return w / w.sum()
 
 
+def mixture_probabilities(sizes: Sequence[int], temperature: float,
+                          shares: Sequence[float | None] | None = None) -> np.ndarray:
+    """Temperature probabilities, except that a dataset with a ``share`` gets exactly that fraction of
+    the draws (e.g. replayed pre-training data during fine-tuning); the others split the rest by
+    temperature."""
+    if shares is None or all(s is None for s in shares):
+        return temperature_probabilities(sizes, temperature)
+    if len(shares) != len(sizes):
+        raise ValueError(f"shares has {len(shares)} entries for {len(sizes)} datasets")
+    fixed = {k: float(s) for k, s in enumerate(shares) if s is not None}
+    if any(not 0 < s < 1 for s in fixed.values()) or any(sizes[k] <= 0 for k in fixed):
+        raise ValueError(f"a share must be in (0, 1) and its dataset non-empty, got shares {list(shares)}")
+    free = [k for k in range(len(sizes)) if k not in fixed]
+    rest = 1.0 - sum(fixed.values())
+    if not free or rest <= 0:
+        raise ValueError(f"shares {list(shares)} leave no draws for the datasets without one")
+    p = np.zeros(len(sizes))
+    p[free] = rest * temperature_probabilities([sizes[k] for k in free], temperature)
+    for k, s in fixed.items():
+        p[k] = s
+    return p
+
+
 class MixtureStream:
     """Epoch streams of (dataset, index) draws from datasets of the given ``sizes``.
+
+    ``shares``: per dataset, None (temperature sampling) or a fixed fraction of the draws.
 
     ``epoch_length`` defaults to ``sum(sizes)``. ``counts(e)`` are the exact per-dataset draws of
     epoch e (largest-remainder rounding; exact ties of the fractional parts are broken by a keyed
     per-epoch hash so no dataset is favoured in every epoch). ``epoch(e)`` is an indexable view."""
 
     def __init__(self, sizes: Sequence[int], temperature: float = 2.0, seed: int = 0,
-                 epoch_length: int | None = None):
+                 epoch_length: int | None = None, shares: Sequence[float | None] | None = None):
         self.sizes = [int(s) for s in sizes]
         self.temperature = float(temperature)
         self.seed = int(seed)
-        self._p = temperature_probabilities(self.sizes, self.temperature)
+        self._p = mixture_probabilities(self.sizes, self.temperature, shares)
         self.epoch_length = sum(self.sizes) if epoch_length is None else int(epoch_length)
         if self.epoch_length < 0:
             raise ValueError("epoch_length must be >= 0")
