@@ -91,13 +91,8 @@ class LmdbDataset:
     def __len__(self) -> int:
         return self._len
 
-    @property
-    def natoms(self) -> np.ndarray:
-        return self.index["natoms"]
-
-    @property
-    def nedges(self) -> np.ndarray:
-        return self.index["nedges"]
+    natoms = property(lambda self: self.index["natoms"], doc="atoms per sample (memory-mapped)")
+    nedges = property(lambda self: self.index["nedges"], doc="stored edges per sample (memory-mapped)")
 
     def _env(self, shard: int) -> lmdb.Environment:
         return _open_env(self.shard_paths[shard])

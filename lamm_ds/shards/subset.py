@@ -31,13 +31,7 @@ class SubsetDataset:
     def __len__(self) -> int:
         return int(self.indices.size)
 
-    @property
-    def natoms(self) -> np.ndarray:
-        return self.index["natoms"]
-
-    @property
-    def nedges(self) -> np.ndarray:
-        return self.index["nedges"]
+    natoms, nedges = LmdbDataset.natoms, LmdbDataset.nedges  # read from this subset's own index
 
     def source_index(self, index: int) -> int:
         """The base dataset's index of subset sample ``index``."""
