@@ -247,11 +247,14 @@ def _cmd_convert_fairchem(args) -> int:
     from lamm_ds.model.convert_fairchem import convert_fairchem
 
     path = convert_fairchem(args.checkpoint, args.out, dataset=args.dataset, trust_pickle=args.trust_pickle,
-                            weights=args.weights)
+                            weights=args.weights, scale_file=args.scale_file)
     from lamm_ds.engine.export import read_export_metadata
 
-    used = json.loads(read_export_metadata(path).get("extra", "{}")).get("weights", "raw")
-    print(f"{args.checkpoint} -> {path} (EquiformerV2, energy head {args.dataset!r}, {used} weights)")
+    extra = json.loads(read_export_metadata(path).get("extra", "{}"))
+    family = extra.get("source", "fairchem EquiformerV2").removeprefix("fairchem ")
+    scales = f", scale factors from {extra['scale_factors']}" if "scale_factors" in extra else ""
+    print(f"{args.checkpoint} -> {path} ({family}, energy head {args.dataset!r}, "
+          f"{extra.get('weights', 'raw')} weights{scales})")
     return 0
 
 
@@ -428,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("convert-fairchem", help="convert a fairchem EquiformerV2 checkpoint to a lamm-ds model file")
+    p = sub.add_parser("convert-fairchem", help="convert a fairchem 1.x EquiformerV2 or PaiNN checkpoint to a lamm-ds model file")
     p.add_argument("checkpoint", help="fairchem .pt checkpoint (read with torch.load(weights_only=True))")
     p.add_argument("out", help="output model file (.safetensors), loadable by lamm_ds.load_model")
     p.add_argument("--dataset", default="fairchem", help="name of the energy head (dataset) in the lamm-ds model")
@@ -438,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                    help="auto (default): the EMA weights when the checkpoint has them and its config an ema_decay, "
                         "as fairchem's predictor uses; ema / raw: force one")
+    p.add_argument("--scale-file", default=None,
+                   help="PaiNN only: fairchem scale-factor file (JSON, or a .pt read weights-only) for a checkpoint "
+                        "whose own scale factors are unfitted and whose config names a scale_file")
     p.set_defaults(func=_cmd_convert_fairchem)
 
     p = sub.add_parser("calibrate", help="time real micro-batches and fit the scheduler's cost model")

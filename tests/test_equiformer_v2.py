@@ -3,10 +3,6 @@ export/load, run-config selection, and numerical parity with fairchem-core 1.x (
 
 from __future__ import annotations
 
-import importlib.util
-import math
-import os
-import sys
 import types
 from pathlib import Path
 
@@ -16,6 +12,7 @@ import torch
 from ase.build import bulk, molecule
 from e3nn import o3
 
+from fairchem_shim import import_fairchem
 from lamm_ds.graphs import build_sample, collate
 from lamm_ds.model.equiformer_v2 import (
     FAIRCHEM_PARAMS,
@@ -361,29 +358,8 @@ def test_run_config_selects_equiformer_v2():
 
 
 def _import_fairchem():
-    """fairchem-core 1.x's EquiformerV2 without its heavy package __init__ (which pulls in
-    huggingface_hub etc.) and with torch_scatter replaced by torch_geometric's native scatter."""
-    spec = importlib.util.find_spec("fairchem")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("fairchem-core 1.x not installed (optional test dependency: pip install 'fairchem-core<2' --no-deps)")
-    root = os.path.join(list(spec.submodule_search_locations)[0], "core")
-    if not os.path.isfile(os.path.join(root, "models", "equiformer_v2", "equiformer_v2.py")):
-        pytest.skip("installed fairchem has no fairchem.core.models.equiformer_v2 (need fairchem-core<2)")
-    if "torch_scatter" not in sys.modules:
-        try:
-            import torch_scatter  # noqa: F401
-        except ImportError:
-            from torch_geometric.utils import scatter as pyg_scatter
-
-            shim = types.ModuleType("torch_scatter")
-            shim.scatter = lambda src, index, dim=0, out=None, dim_size=None, reduce="sum": pyg_scatter(
-                src, index, dim=dim, dim_size=dim_size, reduce=reduce)
-            sys.modules["torch_scatter"] = shim
-    for name, sub in (("fairchem.core", ""), ("fairchem.core.models", "models"), ("fairchem.core.common", "common")):
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__path__ = [os.path.join(root, sub)]
-            sys.modules[name] = mod
+    """fairchem-core 1.x's EquiformerV2 (tests/fairchem_shim.py: without its heavy package __init__)."""
+    import_fairchem("models/equiformer_v2/equiformer_v2.py")
     try:
         from fairchem.core.models.base import GraphData
         from fairchem.core.models.equiformer_v2.equiformer_v2 import EquiformerV2Backbone
@@ -512,7 +488,7 @@ def test_converter_refuses_unsupported_models():
     from lamm_ds.model.convert_fairchem import ConversionError, convert_checkpoint
 
     with pytest.raises(ConversionError, match="not EquiformerV2"):
-        convert_checkpoint({"state_dict": {}, "config": {"model": "painn"}})
+        convert_checkpoint({"state_dict": {}, "config": {"model": "gemnet_oc"}})
     with pytest.raises(ConversionError, match="use_gate_act"):
         convert_checkpoint({"state_dict": {}, "config": {"model": {"name": "equiformer_v2", "use_gate_act": True}}})
     # options that would change the computation are refused, not ignored

@@ -41,8 +41,10 @@ class UnseenElementsError(ValueError):
 def _model_kinds() -> dict:
     """Model kind (export metadata "model_kind", RunConfig.model_kind) -> (config class, potential class)."""
     from lamm_ds.model.equiformer_v2 import EquiformerV2Config, EquiformerV2Potential
+    from lamm_ds.model.painn_fairchem import FairchemPaiNNConfig, FairchemPaiNNPotential
 
-    return {"painn": (PaiNNConfig, Potential), "equiformer_v2": (EquiformerV2Config, EquiformerV2Potential)}
+    return {"painn": (PaiNNConfig, Potential), "equiformer_v2": (EquiformerV2Config, EquiformerV2Potential),
+            "painn_fairchem": (FairchemPaiNNConfig, FairchemPaiNNPotential)}
 
 
 def model_kind_of(model) -> str:

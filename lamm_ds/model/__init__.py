@@ -1,4 +1,5 @@
-"""Models: PaiNN (LaMM-S) and EquiformerV2 (LaMM-L) backbones, dataset-aware heads, the multi-dataset Potential."""
+"""Models: PaiNN (LaMM-S) and EquiformerV2 (LaMM-L) backbones, fairchem's PaiNN variant (for its
+checkpoints), dataset-aware heads, the multi-dataset Potential."""
 
 from lamm_ds.model.heads import (
     DatasetStats,
@@ -11,6 +12,7 @@ from lamm_ds.model.heads import (
 )
 from lamm_ds.model.equiformer_v2 import PRESETS, EquiformerV2, EquiformerV2Config, EquiformerV2Potential
 from lamm_ds.model.painn import PaiNN, PaiNNConfig
+from lamm_ds.model.painn_fairchem import FairchemPaiNNConfig, FairchemPaiNNPotential
 from lamm_ds.model.potential import Potential
 
 __all__ = [
@@ -20,6 +22,8 @@ __all__ = [
     "EquiformerV2Config",
     "EquiformerV2Potential",
     "EnergyHead",
+    "FairchemPaiNNConfig",
+    "FairchemPaiNNPotential",
     "GatedEquivariantBlock",
     "PRESETS",
     "PaiNN",

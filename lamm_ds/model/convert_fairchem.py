@@ -143,12 +143,15 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict
     return ckpt
 
 
+_NOT_CONVERTED = "is not EquiformerV2 or PaiNN (the fairchem models lamm-ds converts)"
+
+
 def model_section(config: dict) -> tuple[dict, dict, bool]:
     """(backbone kwargs, heads, monolithic?) from a fairchem checkpoint's ``config``."""
     model = config.get("model")
     if isinstance(model, str):
         if model != "equiformer_v2":
-            raise ConversionError(f"model {model!r} is not EquiformerV2")
+            raise ConversionError(f"model {model!r} {_NOT_CONVERTED}")
         return dict(config.get("model_attributes") or {}), {}, True
     if not isinstance(model, dict):
         raise ConversionError("checkpoint config has no 'model' section")
@@ -159,9 +162,9 @@ def model_section(config: dict) -> tuple[dict, dict, bool]:
         backbone = dict(model.get("backbone") or {})
         kind = backbone.get("model")
         if kind not in ("equiformer_v2_backbone", "equiformer_v2", _DENS_BACKBONE):
-            raise ConversionError(f"hydra backbone {kind!r} is not EquiformerV2")
+            raise ConversionError(f"hydra backbone {kind!r} {_NOT_CONVERTED}")
         return backbone, dict(model.get("heads") or {}), False
-    raise ConversionError(f"model {name!r} is not EquiformerV2")
+    raise ConversionError(f"model {name!r} {_NOT_CONVERTED}")
 
 
 def config_from_fairchem(kwargs: dict, energy_reduce: str = "sum", dens: bool = False) -> EquiformerV2Config:
@@ -331,8 +334,11 @@ def _normalizers(ckpt: dict) -> tuple[float, float, float, float]:
 
 def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem",
                        dtype: torch.dtype = torch.float32, trust_pickle: bool = False,
-                       weights: str = "auto") -> EquiformerV2Potential:
-    """A lamm-ds :class:`EquiformerV2Potential` equivalent to the fairchem checkpoint (eval mode).
+                       weights: str = "auto", scale_file: str | os.PathLike | None = None) -> EquiformerV2Potential:
+    """A lamm-ds model equivalent to the fairchem checkpoint (eval mode): an
+    :class:`EquiformerV2Potential`, or for a PaiNN checkpoint a
+    :class:`~lamm_ds.model.painn_fairchem.FairchemPaiNNPotential`
+    (:mod:`lamm_ds.model.convert_fairchem_painn`; ``scale_file`` is its scale-factor file).
 
     ``weights``: ``auto`` (default) takes the EMA copy when the checkpoint has one and its config an
     ``ema_decay``, as fairchem's own prediction path does; ``ema`` / ``raw`` force one or the other.
@@ -347,6 +353,12 @@ def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem"
         raise ConversionError("not a fairchem checkpoint (needs 'state_dict' and 'config')")
     if not isinstance(ckpt["state_dict"], dict) or not isinstance(ckpt["config"], dict):
         raise ConversionError("not a fairchem checkpoint ('state_dict' and 'config' must be dicts)")
+    from lamm_ds.model import convert_fairchem_painn as painn  # imports this module: not at the top
+
+    if painn.is_painn(ckpt["config"]):
+        return painn.convert_painn_checkpoint(ckpt, dataset, dtype, weights, scale_file)
+    if scale_file is not None:
+        raise ConversionError("--scale-file applies to PaiNN checkpoints only (EquiformerV2 has no scale factors)")
     backbone_kw, heads, monolithic = model_section(ckpt["config"])
     energy_head, force_head, other_heads = _head_names(heads)
     reduce = "sum"
@@ -410,7 +422,8 @@ def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem"
 
 
 def convert_fairchem(checkpoint: str | os.PathLike, out: str | os.PathLike, dataset: str = "fairchem",
-                     trust_pickle: bool = False, weights: str = "auto") -> Path:
+                     trust_pickle: bool = False, weights: str = "auto",
+                     scale_file: str | os.PathLike | None = None) -> Path:
     """``lamm-ds convert-fairchem``: write the converted model as a lamm-ds export.
 
     ``trust_pickle=True`` unpickles a checkpoint that weights-only loading refuses (can run code
@@ -420,8 +433,15 @@ def convert_fairchem(checkpoint: str | os.PathLike, out: str | os.PathLike, data
 
     ckpt = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
     try:
-        model = convert_checkpoint(ckpt, dataset, weights=weights)
+        model = convert_checkpoint(ckpt, dataset, weights=weights, scale_file=scale_file)
     except ConversionError as exc:
         raise ConversionError(f"{checkpoint}: {exc}") from None
-    return export_model(model, out, {"converted_from": str(checkpoint), "source": "fairchem EquiformerV2",
-                                     "weights": model.weights_source})
+    extra = {"converted_from": str(checkpoint), "source": f"fairchem {SOURCE_NAMES[model.model_kind]}",
+             "weights": model.weights_source}
+    if hasattr(model, "scale_source"):
+        extra["scale_factors"] = model.scale_source
+    return export_model(model, out, extra)
+
+
+#: model kind -> the fairchem model family it was converted from
+SOURCE_NAMES = {"equiformer_v2": "EquiformerV2", "painn_fairchem": "PaiNN"}

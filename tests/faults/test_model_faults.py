@@ -377,9 +377,14 @@ def test_non_checkpoint_files_are_clear_errors(kind, tmp_path, capsys):
 
 def test_checkpoint_without_model_config_names_the_file(tmp_path, capsys):
     path = tmp_path / "plain.pt"
+    torch.save({"state_dict": {"w": torch.zeros(3)}, "config": {"model": "gemnet_oc"}}, path)
+    rc, _, err = run_cli(["convert-fairchem", path, tmp_path / "out.safetensors"], capsys)
+    assert rc == 2 and str(path) in err and "'gemnet_oc' is not EquiformerV2 or PaiNN" in err
+    # a PaiNN config over tensors that are not PaiNN's: the stray tensor is named
     torch.save({"state_dict": {"w": torch.zeros(3)}, "config": {"model": "painn"}}, path)
     rc, _, err = run_cli(["convert-fairchem", path, tmp_path / "out.safetensors"], capsys)
-    assert rc == 2 and str(path) in err and "not EquiformerV2" in err
+    assert rc == 2 and str(path) in err and "checkpoint tensor 'w' has no counterpart" in err
+    assert not (tmp_path / "out.safetensors").exists()
     torch.save([1, 2, 3], path)
     rc, _, err = run_cli(["convert-fairchem", path, tmp_path / "out.safetensors"], capsys)
     assert rc == 2 and str(path) in err and "not a fairchem checkpoint" in err
