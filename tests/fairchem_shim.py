@@ -78,3 +78,61 @@ def float64_default():
         def __exit__(self, *exc):
             torch.set_default_dtype(self.old)
     return _Ctx()
+
+
+def fp64_geometry_on_fairchems_graph(net) -> None:
+    """Run ``net``'s own graph generation (``otf_graph``: radius_graph_pbc, its neighbour cap,
+    get_pbc_distances), which works in fp32 only, on an fp32 copy of the batch, then recompute that
+    graph's edge vectors in fp64 from its own cell offsets: fairchem's edges, fp64 geometry."""
+    import dataclasses
+
+    build = net.generate_graph
+
+    def generate_graph(data, **kwargs):
+        fp32 = types.SimpleNamespace(**{k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
+                                        for k, v in vars(data).items()})
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            graph = build(fp32, **kwargs)
+        finally:
+            torch.set_default_dtype(old)
+        j, i = graph.edge_index
+        offsets = torch.einsum("ek,ekl->el", graph.cell_offsets.to(data.pos.dtype), data.cell[data.batch[i]])
+        vec = data.pos[j] - data.pos[i] + offsets
+        return dataclasses.replace(graph, edge_distance=vec.norm(dim=-1), edge_distance_vec=vec)
+
+    net.generate_graph = generate_graph
+
+
+def fairchem_batch(frames, dtype=torch.float64):
+    """What fairchem's models read from a batch of ase.Atoms: raw positions, cells, pbc, counts.
+    A non-periodic frame gets a 40 Å box (fairchem needs a cell) and no images."""
+    import numpy as np
+
+    periodic = [bool(a.pbc.any()) for a in frames]
+    cells = [np.asarray(a.cell[:]) if p else np.eye(3) * 40.0 for a, p in zip(frames, periodic)]
+    natoms = torch.tensor([len(a) for a in frames])
+    return types.SimpleNamespace(
+        pos=torch.tensor(np.concatenate([a.positions for a in frames]), dtype=dtype),
+        cell=torch.tensor(np.stack(cells), dtype=dtype), natoms=natoms,
+        pbc=torch.tensor([[p] * 3 for p in periodic]),
+        atomic_numbers=torch.tensor(np.concatenate([a.numbers for a in frames])),
+        batch=torch.repeat_interleave(torch.arange(len(frames)), natoms))
+
+
+def fairchem_denormalised(ckpt: dict, target: str, prediction: torch.Tensor, data) -> torch.Tensor:
+    """fairchem's prediction path after the model (OCPTrainer._denorm_preds): the checkpoint's
+    normaliser, then its element references, built with fairchem's own classes."""
+    from fairchem.core.modules.normalization.element_references import create_element_references
+    from fairchem.core.modules.normalization.normalizer import create_normalizer
+
+    legacy = {"energy": "target", "forces": "grad_target"}
+    norms = ckpt.get("normalizers") or {}
+    state = norms.get(target) or norms.get(legacy.get(target, ""))
+    if state:
+        prediction = create_normalizer(state_dict=state).to(prediction.dtype)(prediction)
+    refs = (ckpt.get("elementrefs") or {}).get(target)
+    if refs:  # the trainer's outputs are (B, 1) for a per-system target such as the energy
+        prediction = create_element_references(state_dict=refs)(prediction.view(-1, 1), data).view(-1)
+    return prediction

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 
 import numpy as np
 import pytest
 import torch
 from ase.build import bulk, molecule
 
-from fairchem_shim import float64_default, import_fairchem_painn
+from fairchem_shim import (fairchem_batch, fairchem_denormalised, float64_default, fp64_geometry_on_fairchems_graph,
+                           import_fairchem_painn)
 from lamm_ds.graphs import build_sample, collate
 from lamm_ds.model.convert_fairchem import ConversionError, convert_checkpoint
 from lamm_ds.model.heads import DatasetStats
@@ -54,20 +54,6 @@ def _structure(atoms) -> Structure:
     return Structure(atoms.numbers, atoms.positions, np.asarray(atoms.cell[:]), atoms.pbc)
 
 
-def _fairchem_data(frames, periodic: bool):
-    """What fairchem's PaiNN reads from a batch: raw positions, cells, pbc and atom counts."""
-    pos = torch.tensor(np.concatenate([a.positions for a in frames]))
-    if periodic:
-        cell = torch.tensor(np.stack([np.asarray(a.cell[:]) for a in frames]))
-    else:  # non-periodic: a box that does not matter, no images
-        cell = torch.eye(3, dtype=F64).repeat(len(frames), 1, 1) * 40.0
-    natoms = torch.tensor([len(a) for a in frames])
-    return types.SimpleNamespace(
-        pos=pos, cell=cell, natoms=natoms, pbc=torch.tensor([[periodic] * 3] * len(frames)),
-        atomic_numbers=torch.tensor(np.concatenate([a.numbers for a in frames])),
-        batch=torch.repeat_interleave(torch.arange(len(frames)), natoms))
-
-
 def _random_weights(*modules, seed=0):
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -90,30 +76,10 @@ def _fairchem_models(layout: str):
         scaled = net
     _random_weights(*parts)
     parts = [m.double() for m in parts]    # built in fp32 like every real checkpoint, evaluated in fp64
-    _fp64_geometry_on_fairchems_graph(net)
+    fp64_geometry_on_fairchems_graph(net)
     for k, s in enumerate(SCALES):
         getattr(scaled, f"upd_out_scalar_scale_{k}").scale_factor.fill_(s)
     return parts
-
-
-def _fp64_geometry_on_fairchems_graph(net) -> None:
-    """fairchem's radius_graph_pbc runs in fp32 only: it picks the edges (cap included) from an fp32
-    copy, and the edge vectors of that graph are recomputed in fp64 for the comparison."""
-    build = net.generate_graph
-
-    def generate_graph(data, **kwargs):
-        fp32 = types.SimpleNamespace(**{k: (v.float() if v.is_floating_point() else v) for k, v in vars(data).items()})
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float32)
-        try:
-            graph = build(fp32, **kwargs)
-        finally:
-            torch.set_default_dtype(old)
-        j, i = graph.edge_index
-        vec = data.pos[j] - data.pos[i] + torch.einsum("ek,ekl->el", graph.cell_offsets.to(F64), data.cell[data.batch[i]])
-        return dataclasses.replace(graph, edge_distance=vec.norm(dim=-1), edge_distance_vec=vec)
-
-    net.generate_graph = generate_graph
 
 
 def _fairchem_predict(parts, layout, data):
@@ -174,10 +140,12 @@ def test_fairchem_painn_parity_on_cells_and_molecules(layout, tmp_path):
         torch.save(ckpt, tmp_path / "painn.pt")
         expected = {}
         for periodic, frames in ((True, _cells()), (False, _molecules())):
-            e_raw, f_raw = _fairchem_predict(parts, layout, _fairchem_data(frames, periodic))
-            refs = ckpt["elementrefs"]["energy"]["element_references"]
-            ref_sum = torch.tensor([float(refs[torch.tensor(a.numbers)].sum()) for a in frames], dtype=F64)
-            expected[periodic] = (frames, E_STD * e_raw + E_MEAN + ref_sum, F_STD * f_raw, e_raw, f_raw)
+            data = fairchem_batch(frames)
+            e_raw, f_raw = _fairchem_predict(parts, layout, data)
+            # fairchem's own denormalisation: its Normalizer, then its LinearReferences
+            e_fc = fairchem_denormalised(ckpt, "energy", e_raw, data)
+            f_fc = fairchem_denormalised(ckpt, "forces", f_raw, data)
+            expected[periodic] = (frames, e_fc, f_fc, e_raw, f_raw)
     assert cli_main(["convert-fairchem", str(tmp_path / "painn.pt"), str(tmp_path / "painn.safetensors"),
                      "--dataset", "oc20"]) == 0
     model = load_model(tmp_path / "painn.safetensors").double()
@@ -205,7 +173,7 @@ def test_fairchem_painn_parity_fails_without_the_edge_mirroring_or_the_scales():
     ckpt = _checkpoint(parts, "monolithic")
     with float64_default():
         frames = _cells()
-        e_raw, f_raw = _fairchem_predict(parts, "monolithic", _fairchem_data(frames, True))
+        e_raw, f_raw = _fairchem_predict(parts, "monolithic", fairchem_batch(frames))
     model = convert_checkpoint(ckpt, "x", dtype=F64)
     out, _ = _ours(model, frames)
     assert _rel(out["forces"], F_STD * f_raw) < 1e-5
@@ -236,7 +204,7 @@ def test_fairchem_painn_ema_weights_are_fairchems_own(layout):
         ckpt = _checkpoint(parts, layout, ema=ema)
         frames = _cells()
         ema.copy_to(params)
-        e_raw, f_raw = _fairchem_predict(parts, layout, _fairchem_data(frames, True))
+        e_raw, f_raw = _fairchem_predict(parts, layout, fairchem_batch(frames))
     model = convert_checkpoint(ckpt, "x", dtype=F64)
     assert model.weights_source == "ema"
     out, _ = _ours(model, frames)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lamm_ds.model.numerics import PreciseBuffers
+
 # ------------------------------------------------------------------------------------------------
 # coefficient layouts
 
@@ -227,7 +229,7 @@ class EdgeRotation:
 # S2 grids
 
 
-class S2Grid(nn.Module):
+class S2Grid(PreciseBuffers):
     """Transforms between spherical-harmonic coefficients and a (long x lat) grid on the sphere.
 
     ``coeffs`` lists the (l, m) of the feature rows, in any order. The transform is e3nn's
@@ -267,11 +269,13 @@ class S2Grid(nn.Module):
                 pad_idx[g * width + k] = i
                 unpad_idx[i] = g * width + k
         idx = torch.tensor([m + lmax for m in ms])
-        dt = torch.get_default_dtype()
-        self.register_buffer("to_b", to_b.to(dt), persistent=False)                                # (G, B, W)
-        self.register_buffer("to_a", to.sha[:, idx].contiguous().to(dt), persistent=False)         # (A, G)
-        self.register_buffer("from_a", fr.sha[:, idx].t().contiguous().to(dt), persistent=False)   # (G, A)
-        self.register_buffer("from_b", from_b.to(dt), persistent=False)                            # (G, W, B)
+        # kept in fp64 whatever the model's dtype (PreciseBuffers) and cast at use: an fp64 model then
+        # computes with fp64 constants, not fp32-rounded ones, whose 1e-8 errors break the symmetry
+        # of ideal crystals (zero l > 0 features) enough for the norms to amplify into real forces
+        self.register_buffer("to_b", to_b, persistent=False)                                 # (G, B, W)
+        self.register_buffer("to_a", to.sha[:, idx].contiguous(), persistent=False)          # (A, G)
+        self.register_buffer("from_a", fr.sha[:, idx].t().contiguous(), persistent=False)    # (G, A)
+        self.register_buffer("from_b", from_b, persistent=False)                             # (G, W, B)
         self.register_buffer("pad_idx", torch.tensor(pad_idx), persistent=False)
         self.register_buffer("unpad_idx", torch.tensor(unpad_idx), persistent=False)
 
@@ -383,7 +387,7 @@ def _degree_expand(lmax: int, start: int = 0) -> list[int]:
     return [l for l in range(start, lmax + 1) for _ in range(2 * l + 1)]
 
 
-class EquivariantLayerNormSH(nn.Module):
+class EquivariantLayerNormSH(PreciseBuffers):
     """``layer_norm_sh``: LayerNorm on l = 0; for l > 0 one RMS over all m and channels, each degree
     weighted 1/((2l+1) L) (balanced degrees), then a per-degree, per-channel affine scale."""
 
@@ -394,7 +398,7 @@ class EquivariantLayerNormSH(nn.Module):
         if lmax > 0:
             self.affine_weight = nn.Parameter(torch.ones(lmax, channels))
             bal = torch.tensor([1.0 / ((2 * l + 1) * lmax) for l in _degree_expand(lmax, 1)], dtype=torch.float64)
-            self.register_buffer("balance", bal.to(torch.get_default_dtype()), persistent=False)
+            self.register_buffer("balance", bal, persistent=False)    # fp64, cast at use
             self.register_buffer("expand", torch.tensor([l - 1 for l in _degree_expand(lmax, 1)]), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -408,7 +412,7 @@ class EquivariantLayerNormSH(nn.Module):
         return torch.cat([s, v * scale[:, None, None] * w], dim=1)
 
 
-class EquivariantRMSNormSH(nn.Module):
+class EquivariantRMSNormSH(PreciseBuffers):
     """``rms_norm_sh``: one RMS over all degrees (l >= 0, balanced), centred l = 0 bias."""
 
     def __init__(self, lmax: int, channels: int, eps: float = 1e-5, centering: bool = True) -> None:
@@ -418,7 +422,7 @@ class EquivariantRMSNormSH(nn.Module):
         if centering:
             self.affine_bias = nn.Parameter(torch.zeros(channels))
         bal = torch.tensor([1.0 / ((2 * l + 1) * (lmax + 1)) for l in _degree_expand(lmax)], dtype=torch.float64)
-        self.register_buffer("balance", bal.to(torch.get_default_dtype()), persistent=False)
+        self.register_buffer("balance", bal, persistent=False)        # fp64, cast at use
         self.register_buffer("expand", torch.tensor(_degree_expand(lmax)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
