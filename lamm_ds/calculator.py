@@ -27,8 +27,9 @@ from lamm_ds.structure import Structure
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _MIN_VOLUME = 1e-6  # Å^3, as in Potential: a smaller "periodic" cell gets no stress
 
-STRESS_HINT = ("export a model trained with model.forces=conservative model.stress=true "
-               "(stress is the strain derivative of the energy, which only such a model computes)")
+STRESS_HINT = ("export a model trained with model.forces=conservative model.stress=true (stress as the "
+               "strain derivative of the energy), or use an EquiformerV2 model with a direct stress head "
+               "(equiformer_v2.stress_head=true, e.g. convert-fairchem of an OMat24 checkpoint)")
 
 
 class NonConservativeForcesWarning(UserWarning):
@@ -131,7 +132,10 @@ class LammCalculator(Calculator):
         self.max_neighbors = cfg.max_neighbors
         self.max_neighbors_strict = cfg.max_neighbors_strict
         self.conservative = cfg.forces == "conservative"
-        self.has_stress = self.conservative and bool(cfg.stress)
+        # stress as the strain derivative (conservative + cfg.stress) or from EquiformerV2's direct
+        # rank-2 head (cfg.stress_head): the model's forward returns it either way
+        self.direct_stress = bool(getattr(cfg, "stress_head", False))
+        self.has_stress = (self.conservative and bool(getattr(cfg, "stress", False))) or self.direct_stress
         if not self.conservative:
             warnings.warn(
                 "this model predicts forces directly (model.forces=direct): they are not the gradient of "
@@ -236,7 +240,8 @@ class LammCalculator(Calculator):
         atoms = self.atoms
         if "stress" in properties:
             if not self.has_stress:
-                mode = "direct forces" if not self.conservative else "conservative forces without stress"
+                mode = "direct forces and no stress head" if not self.conservative \
+                    else "conservative forces without stress"
                 raise PropertyNotImplementedError(
                     f"this model cannot compute stress (it was trained with {mode}); {STRESS_HINT}")
             if not self._stress_allowed(atoms):

@@ -80,7 +80,9 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
     plan_ranks = check_plan_ranks(cfg, world)
     model = build_or_init_model(cfg, datasets, rank)
     datasets = select_fps(model, datasets, cfg.data.datasets, run_dir, rank)
-    check_datasets_contribute(datasets, cfg, bool(getattr(model.cfg, "stress", False)))
+    # stress from the strain derivative (model.stress) or from EquiformerV2's direct head
+    stress_model = bool(getattr(model.cfg, "stress", False) or getattr(model.cfg, "stress_head", False))
+    check_datasets_contribute(datasets, cfg, stress_model)
     check_eval_heads(model, cfg.eval_datasets)
     ds_ids = torch.tensor([model.dataset_index(d.name) for d in datasets])
     ds_config = deepspeed_config(cfg, world)

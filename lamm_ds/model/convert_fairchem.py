@@ -10,6 +10,10 @@ A fairchem checkpoint is a ``torch.save`` dict with ``state_dict`` (keys possibl
   plus ``config["model_attributes"]`` (or a dict with ``name: equiformer_v2``), keys at the top level
   with ``energy_block.*`` / ``force_block.*``.
 
+A hydra ``rank2_symmetric_head`` (OMat24; DeNS: ``dens_rank2_symmetric_head``) with
+``decompose=True`` becomes the direct stress head (:mod:`lamm_ds.model.rank2_stress`), its
+``stress_isotropic`` / ``stress_anisotropic`` normalisers folded into it.
+
 The lamm-ds module tree uses the same sub-module names, so weights map by prefix; fairchem's
 constant buffers (Wigner/grid/index tables) are rebuilt by lamm-ds and skipped. Normalisation is
 folded into the dataset head: fairchem predicts ``E = std * (sum_i e_i / avg_num_nodes + sum_i
@@ -26,6 +30,7 @@ for files you trust.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -63,6 +68,18 @@ _REQUIRED = dict(share_atom_edge_embedding=False, use_m_share_rad=False, distanc
                  use_s2_act_attn=False, use_attn_renorm=True, use_gate_act=False, use_sep_s2_act=True, proj_drop=0.0)
 _ENERGY_HEADS = {"equiformer_v2_energy_head", "equiformerV2_scalar_head", "eqV2_DeNS_scalar_head"}
 _FORCE_HEADS = {"equiformer_v2_force_head", "equiformerV2_vector_head", "eqV2_DeNS_vector_head"}
+# fairchem's rank-2 symmetric tensor head (OMat24 / DeNS stress): lamm_ds.model.rank2_stress. Its
+# options -> our config; the defaults are fairchem's. default_norm_type only applies to backbones
+# without a norm_type (EquiformerV2 has one); use_denoising only acts while denoising.
+_RANK2_HEADS = {"rank2_symmetric_head", "dens_rank2_symmetric_head"}
+_RANK2_OPTIONS = dict(use_source_target_embedding=("stress_head_source_target", False),
+                      num_mlp_layers=("stress_head_mlp_layers", 2), edge_level_mlp=("stress_head_edge_mlp", False),
+                      extensive=("stress_head_extensive", False), avg_num_nodes=("stress_head_avg_num_nodes", 1.0))
+_RANK2_IGNORED = {"module", "output_name", "decompose", "default_norm_type", "use_denoising"}
+# fairchem sub-module prefix -> ours, inside the head
+_RANK2_KEYS = (("sphharm_norm.", "sh_norm."), ("xedge_layer_norm.", "edge_norm."),
+               ("block.scalar_MLP.", "iso_mlp."), ("block.irrep2_MLP.", "aniso_mlp."))
+_STRESS_PARTS = {"stress_isotropic": 0, "stress_anisotropic": 2}  # normaliser / output key -> irrep degree
 # DeNS (denoising non-equilibrium structures): the backbone encodes the noise's forces (and, with
 # use_noise_schedule_sigma_encoding, its sigma) as node features; when nothing is denoised those
 # inputs are zero and what is left is the encoders' l = 0 biases, added to every node: our
@@ -195,18 +212,66 @@ def config_from_fairchem(kwargs: dict, energy_reduce: str = "sum", dens: bool = 
         energy_reduce=energy_reduce, weight_init=kw["weight_init"], forces="direct", l0_offset=dens)
 
 
-def _head_names(heads: dict) -> tuple[str | None, str | None, list[str]]:
-    energy = force = None
+def _head_names(heads: dict) -> tuple[str | None, str | None, str | None, list[str]]:
+    """(energy head, force head, stress head, heads not converted). A rank-2 head is the stress
+    head when it predicts ``stress`` (fairchem's default output_name); one for another tensor
+    (e.g. a dielectric tensor) is not converted."""
+    energy = force = stress = None
     other = []
     for name, spec in heads.items():
-        module = (spec or {}).get("module")
+        spec = spec or {}
+        module = spec.get("module")
         if module in _ENERGY_HEADS and energy is None:
             energy = name
         elif module in _FORCE_HEADS and force is None:
             force = name
+        elif module in _RANK2_HEADS and stress is None and spec.get("output_name", "stress") == "stress":
+            stress = name
         else:
             other.append(name)
-    return energy, force, other
+    return energy, force, stress, other
+
+
+def stress_head_config(name: str, spec: dict) -> dict:
+    """``EquiformerV2Config`` fields for fairchem rank-2 head ``name``; options lamm-ds does not
+    implement (or does not know) are refused, naming them."""
+    unknown = sorted(set(spec) - set(_RANK2_OPTIONS) - _RANK2_IGNORED)
+    if unknown:
+        raise ConversionError(f"rank-2 head {name!r}: unknown option(s) {', '.join(unknown)}: lamm-ds cannot tell "
+                              "whether they change its predictions, so it does not convert the checkpoint")
+    if not spec.get("decompose", False):
+        raise ConversionError(f"rank-2 head {name!r}: decompose=False (one MLP per Cartesian component, "
+                              "Rank2Block) is not supported; lamm-ds converts the isotropic + anisotropic "
+                              "decomposition (decompose=True, the OMat24 configuration)")
+    out = {"stress_head": True}
+    for theirs, (ours, default) in _RANK2_OPTIONS.items():
+        out[ours] = spec.get(theirs, default)
+    layers = out["stress_head_mlp_layers"]
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ConversionError(f"rank-2 head {name!r}: num_mlp_layers={layers!r} (needs an integer >= 1)")
+    for key in ("stress_head_source_target", "stress_head_edge_mlp", "stress_head_extensive"):
+        if not isinstance(out[key], bool):
+            raise ConversionError(f"rank-2 head {name!r}: option {key} must be true/false, got {out[key]!r}")
+    try:
+        out["stress_head_avg_num_nodes"] = float(out["stress_head_avg_num_nodes"])
+    except (TypeError, ValueError):
+        raise ConversionError(f"rank-2 head {name!r}: avg_num_nodes={spec.get('avg_num_nodes')!r} "
+                              "is not a number") from None
+    if not out["stress_head_avg_num_nodes"] > 0:
+        raise ConversionError(f"rank-2 head {name!r}: avg_num_nodes must be > 0, "
+                              f"got {out['stress_head_avg_num_nodes']}")
+    return out
+
+
+def _check_stress_outputs(config: dict) -> None:
+    """fairchem rebuilds ``stress`` from the outputs its config names: those must be ours."""
+    spec = (config.get("outputs") or {}).get("stress")
+    if not isinstance(spec, dict) or "decomposition" not in spec:
+        return
+    parts = {k: (v or {}).get("irrep_dim") for k, v in (spec["decomposition"] or {}).items()}
+    if parts != _STRESS_PARTS:
+        raise ConversionError(f"config outputs.stress.decomposition is {parts}; lamm-ds converts "
+                              f"{_STRESS_PARTS} (name: irrep_dim)")
 
 
 def _strip_module(key: str) -> str:
@@ -216,11 +281,11 @@ def _strip_module(key: str) -> str:
 
 
 def map_state_dict(state: dict, monolithic: bool, energy_head: str | None, force_head: str | None,
-                   dataset: str) -> tuple[dict, list[str]]:
+                   dataset: str, stress_head: str | None = None) -> tuple[dict, list[str]]:
     """fairchem keys -> lamm-ds keys; returns (mapped, skipped fairchem keys)."""
     mapped, skipped = {}, []
     for raw_key, value in state.items():
-        new = _map_key(raw_key, monolithic, energy_head, force_head, dataset)
+        new = _map_key(raw_key, monolithic, energy_head, force_head, dataset, stress_head)
         if new is None:
             skipped.append(raw_key)
         else:
@@ -229,7 +294,7 @@ def map_state_dict(state: dict, monolithic: bool, energy_head: str | None, force
 
 
 def _map_key(raw_key: str, monolithic: bool, energy_head: str | None, force_head: str | None,
-             dataset: str) -> str | None:
+             dataset: str, stress_head: str | None = None) -> str | None:
     """The lamm-ds key of one fairchem key; None for a head lamm-ds does not convert."""
     key = _strip_module(raw_key)
     if monolithic:
@@ -246,6 +311,12 @@ def _map_key(raw_key: str, monolithic: bool, energy_head: str | None, force_head
     for block in ("force_block.", "vector_block."):   # vector_block: DeNS's force head
         if force_head and key.startswith(f"output_heads.{force_head}.{block}"):
             return "force_head.force_block." + key[len(f"output_heads.{force_head}.{block}"):]
+    if stress_head and key.startswith(f"output_heads.{stress_head}."):
+        rest = key[len(f"output_heads.{stress_head}."):]
+        for theirs, ours in _RANK2_KEYS:
+            if rest.startswith(theirs):
+                return f"stress_head.{ours}{rest[len(theirs):]}"
+        return f"stress_head.{rest}"  # not ours: convert_checkpoint refuses it by name
     return None
 
 
@@ -282,7 +353,7 @@ def _uses_ema(ckpt: dict, weights: str) -> bool:
 
 
 def ema_state(ckpt: dict, monolithic: bool, energy_head: str | None, force_head: str | None, dataset: str,
-              params: set[str], dens_backbone_kw: dict | None = None) -> dict:
+              params: set[str], dens_backbone_kw: dict | None = None, stress_head: str | None = None) -> dict:
     """lamm-ds key -> EMA tensor. fairchem's EMA keeps ``shadow_params``, one per trainable parameter
     in ``model.parameters()`` order, which is the order of the parameters among the state_dict keys.
     Trainable here: keys that map to a lamm-ds parameter, and every key of a head (or block) that is
@@ -290,7 +361,7 @@ def ema_state(ckpt: dict, monolithic: bool, energy_head: str | None, force_head:
     shadows = list(ckpt["ema"]["shadow_params"])
     order = []
     for raw_key, value in ckpt["state_dict"].items():
-        new = _map_key(raw_key, monolithic, energy_head, force_head, dataset)
+        new = _map_key(raw_key, monolithic, energy_head, force_head, dataset, stress_head)
         dens_extra = dens_backbone_kw is not None and new in _DENS_ENCODER_WEIGHTS
         unconverted_weight = new is None and not _SKIP.search(_strip_module(raw_key))  # not a shared buffer
         if unconverted_weight or new in params or dens_extra:
@@ -332,6 +403,54 @@ def _normalizers(ckpt: dict) -> tuple[float, float, float, float]:
     return e_mean, e_std, f_mean, f_std
 
 
+def _normaliser_entry(ckpt: dict, key: str) -> dict | None:
+    """fairchem's normaliser for output ``key`` as prediction uses it: the checkpoint's (it
+    overrides the config's on load), else mean/rmsd written in the config; None when there is none.
+    One the config fits or reads from a file, but the checkpoint does not hold, is refused."""
+    norms = ckpt.get("normalizers") or {}
+    if norms.get(key):
+        return norms[key]
+    ds = (ckpt.get("config") or {}).get("dataset") or {}
+    ds = ds[0] if isinstance(ds, list) and ds else ds
+    if isinstance(ds, dict) and isinstance(ds.get("train"), dict):
+        ds = ds["train"]
+    conf = ((ds.get("transforms") or {}).get("normalizer") or {}) if isinstance(ds, dict) else {}
+    entry = conf.get(key)
+    if isinstance(entry, dict) and "file" not in entry:
+        return entry
+    fit = conf.get("fit") or {}
+    if entry is not None or "file" in conf or key in (fit.get("targets") or []):
+        raise ConversionError(f"the checkpoint holds no {key!r} normaliser and its config fits it or reads it "
+                              "from a file, which lamm-ds cannot see: the stress scale is unknown")
+    return None
+
+
+def _stress_normalizers(ckpt: dict) -> tuple[float, float, float]:
+    """(isotropic mean, isotropic std, anisotropic std) of fairchem's stress normalisers.
+
+    The isotropic mean is a constant pressure, folded into the head; an anisotropic mean would add
+    the same number to all five l = 2 components, a fixed traceless tensor in the lab frame that
+    does not rotate with the structure: refused, as a non-zero force mean is."""
+    values = {}
+    for key in _STRESS_PARTS:
+        entry = _normaliser_entry(ckpt, key) or {}
+        rmsd = entry.get("rmsd", entry.get("std", entry.get("stdev", 1.0)))  # std/stdev: older names
+        for field, raw in (("mean", entry.get("mean", 0.0)), ("rmsd", rmsd)):
+            t = torch.as_tensor(raw, dtype=torch.float64)
+            if t.numel() != 1 or not bool(torch.isfinite(t).all()):
+                raise ConversionError(f"{key} normaliser {field} must be one finite number, got shape "
+                                      f"{tuple(t.shape)}: {t.reshape(-1)[:6].tolist()}")
+            values[key, field] = float(t.reshape(-1)[0])
+    if values["stress_anisotropic", "mean"] != 0.0:
+        raise ConversionError(f"stress_anisotropic normaliser mean {values['stress_anisotropic', 'mean']} != 0 is not "
+                              "supported (it would add a constant traceless stress that does not rotate with "
+                              "the structure)")
+    for key in _STRESS_PARTS:
+        if not values[key, "rmsd"] > 0:
+            raise ConversionError(f"{key} normaliser rmsd must be > 0, got {values[key, 'rmsd']}")
+    return values["stress_isotropic", "mean"], values["stress_isotropic", "rmsd"], values["stress_anisotropic", "rmsd"]
+
+
 def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem",
                        dtype: torch.dtype = torch.float32, trust_pickle: bool = False,
                        weights: str = "auto", scale_file: str | os.PathLike | None = None) -> EquiformerV2Potential:
@@ -360,17 +479,21 @@ def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem"
     if scale_file is not None:
         raise ConversionError("--scale-file applies to PaiNN checkpoints only (EquiformerV2 has no scale factors)")
     backbone_kw, heads, monolithic = model_section(ckpt["config"])
-    energy_head, force_head, other_heads = _head_names(heads)
+    energy_head, force_head, stress_head, other_heads = _head_names(heads)
     reduce = "sum"
     if energy_head is not None:
         reduce = heads[energy_head].get("reduce", "sum")
     if not monolithic and (energy_head is None or force_head is None):
         raise ConversionError(f"hydra model needs an EquiformerV2 energy and force head, has {sorted(heads)}")
     if other_heads:
-        log.warning("convert-fairchem: heads %s are not converted (lamm-ds has energy and direct forces)", other_heads)
+        log.warning("convert-fairchem: heads %s are not converted (lamm-ds has energy, direct forces and a "
+                    "rank-2 stress head)", other_heads)
     dens = not monolithic and ckpt["config"]["model"].get("backbone", {}).get("model") == _DENS_BACKBONE
     cfg = config_from_fairchem(backbone_kw, reduce, dens=dens)
-    mapped, skipped = map_state_dict(ckpt["state_dict"], monolithic, energy_head, force_head, dataset)
+    if stress_head is not None:
+        _check_stress_outputs(ckpt["config"])
+        cfg = dataclasses.replace(cfg, **stress_head_config(stress_head, heads[stress_head]))
+    mapped, skipped = map_state_dict(ckpt["state_dict"], monolithic, energy_head, force_head, dataset, stress_head)
     if dens:
         mapped = _dens_offset(mapped, backbone_kw)
         log.warning("convert-fairchem: DeNS checkpoint: its denoising parts (the force/sigma encoders' weights, the "
@@ -395,6 +518,10 @@ def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem"
     stats = DatasetStats(refs, energy_mean=0.0, energy_std=e_std, force_std=f_std)
     model = EquiformerV2Potential(cfg, [dataset], {dataset: stats}).to(dtype)
     model.heads[dataset].offset.energy_offset.fill_(e_mean)
+    if stress_head is not None:
+        norm = model.stress_head.norm
+        for buf, value in zip((norm.iso_mean, norm.iso_std, norm.aniso_std), _stress_normalizers(ckpt)):
+            buf.fill_(value)
     ours = model.state_dict()
     loadable = {}
     for key, value in mapped.items():
@@ -414,7 +541,7 @@ def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem"
     model.weights_source = "raw"
     if _uses_ema(ckpt, weights):
         for key, value in ema_state(ckpt, monolithic, energy_head, force_head, dataset, params,
-                                    backbone_kw if dens else None).items():
+                                    backbone_kw if dens else None, stress_head).items():
             loadable[key] = value.to(ours[key].dtype)
         model.weights_source = "ema"
     model.load_state_dict(loadable, strict=False)

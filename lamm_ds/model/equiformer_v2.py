@@ -43,6 +43,7 @@ from lamm_ds.graphs.batch import AtomsBatch
 from lamm_ds.model.heads import DatasetStats, StatsBuffers
 from lamm_ds.model.numerics import FORCE_MODES, PreciseBuffers, gaussian, geometry_dtype
 from lamm_ds.model.potential import Potential
+from lamm_ds.model.rank2_stress import Rank2StressHead
 from lamm_ds.model.so3 import EdgeRotation, S2Grid, SO3Layout, SO3Linear, edge_frames, grid_silu, make_norm
 
 MODEL_KIND = "equiformer_v2"
@@ -99,12 +100,25 @@ class EquiformerV2Config:
     grid_chunk: int = 0                   # edges per chunk of the attention's S2 grid (0: automatic)
     l0_offset: bool = False               # a learned constant added to every node's l = 0 features after the
                                           # embedding: what a fairchem DeNS backbone adds when nothing is denoised
+    stress_head: bool = False             # direct rank-2 stress head (lamm_ds.model.rank2_stress; fairchem
+                                          # OMat24's rank2_symmetric_head); the stress_head_* options shape it
+    stress_head_source_target: bool = True   # edge features from [neighbour | centre] (False: centre only)
+    stress_head_mlp_layers: int = 2       # linear layers of each of its two MLPs
+    stress_head_edge_mlp: bool = False    # MLPs on each edge before the mean over a centre's edges
+    stress_head_extensive: bool = False   # structure sum / stress_head_avg_num_nodes instead of the atom mean
+    stress_head_avg_num_nodes: float = 1.0
 
     def __post_init__(self) -> None:
         if self.forces not in FORCE_MODES:
             raise ValueError(f"forces must be one of {FORCE_MODES}, got {self.forces!r}")
         if self.stress and self.forces != "conservative":
             raise ValueError("stress needs forces='conservative' (it is a strain derivative of the energy)")
+        if self.stress and self.stress_head:
+            raise ValueError("stress=True (strain derivative) and stress_head=True (direct head) both define "
+                             "the stress: choose one")
+        if self.stress_head and (self.stress_head_mlp_layers < 1 or self.stress_head_avg_num_nodes <= 0):
+            raise ValueError(f"stress head needs stress_head_mlp_layers >= 1 and stress_head_avg_num_nodes > 0, "
+                             f"got {self.stress_head_mlp_layers} and {self.stress_head_avg_num_nodes}")
         if not 0 <= self.mmax <= self.lmax or self.lmax < 1:
             raise ValueError(f"need 1 <= lmax and 0 <= mmax <= lmax, got lmax={self.lmax}, mmax={self.mmax}")
         if self.forces == "direct" and self.lmax < 1:
@@ -130,6 +144,9 @@ class EquiformerV2Config:
         d = asdict(self)
         if not d["l0_offset"]:  # left out while off: files stay readable by lamm-ds versions before it
             del d["l0_offset"]
+        if not d["stress_head"]:  # likewise, with the options that only shape the head
+            for key in [k for k in d if k.startswith("stress_head")]:
+                del d[key]
         return d
 
     @classmethod
@@ -498,7 +515,8 @@ class EquiformerV2Potential(Potential):
     buffers, output keys energy/forces/stress/energy_scale/force_scale) on an EquiformerV2 backbone.
 
     Energy of graph g from dataset k: ``E = sum_i (std_k e_i / D + mean_k + ref_k[Z_i]) + offset_k``
-    with D = ``avg_num_nodes`` ("sum") or the graph's atom count ("mean").
+    with D = ``avg_num_nodes`` ("sum") or the graph's atom count ("mean"). With ``cfg.stress_head``
+    a shared direct rank-2 head (:mod:`lamm_ds.model.rank2_stress`) adds ``stress``.
     """
 
     model_kind = MODEL_KIND
@@ -514,6 +532,14 @@ class EquiformerV2Potential(Potential):
         self.force_head = (EqV2ForceHead(cfg, self.backbone.layout, self.backbone.edge_grid)
                            if cfg.forces == "direct" else None)
         self.denoise_head = None  # the separate denoising head is a PaiNN option (PaiNNConfig.denoise_head)
+        if cfg.stress_head:  # built only when on: the parameters (and the RNG draws) are unchanged otherwise
+            self.stress_head = Rank2StressHead(
+                cfg.lmax, cfg.sphere_channels, cfg.norm_type, cfg.stress_head_source_target,
+                cfg.stress_head_mlp_layers, cfg.stress_head_edge_mlp, cfg.stress_head_extensive,
+                cfg.stress_head_avg_num_nodes)
+            init_weights(self.stress_head, cfg.weight_init)
+        else:
+            self.stress_head = None
         for name in dataset_names:
             if stats is not None and name not in stats:
                 raise KeyError(f"no DatasetStats given for dataset {name!r}")
@@ -535,7 +561,21 @@ class EquiformerV2Potential(Potential):
     def _stacked_offsets(self) -> torch.Tensor:
         return torch.stack([h.offset.energy_offset for h in self.heads.values()])
 
-    # forward() is Potential's; these are the EquiformerV2-specific steps.
+    def forward(self, batch: AtomsBatch, return_features: bool = False) -> dict[str, torch.Tensor]:
+        """Potential's forward; with ``cfg.stress_head`` also ``stress`` (B, 3, 3) from the direct head
+        (eV/Å^3, ASE sign; zero for graphs without a periodic cell)."""
+        if self.stress_head is None:
+            return super().forward(batch, return_features)
+        # the node features come back as an output (detached when grad is off, as every output)
+        out = super().forward(batch, return_features=True)
+        x = out["node_features"] if return_features else out.pop("node_features")
+        gdtype = geometry_dtype(batch.pos.dtype)
+        with torch.autocast(device_type=batch.pos.device.type, enabled=False):
+            vectors = batch.edge_vectors(batch.pos.to(gdtype), batch.cell.to(gdtype))
+        out["stress"] = self.stress_head(x, vectors, batch)
+        return out
+
+    # the rest of forward() is Potential's; these are the EquiformerV2-specific steps.
 
     def _features(self, batch: AtomsBatch, vectors: torch.Tensor, conservative: bool, return_features: bool):
         return self.backbone(batch, vectors, differentiable_frames=conservative)
