@@ -433,3 +433,20 @@ def test_a_converted_painn_fine_tunes(demo_data, tmp_path):
     torch.testing.assert_close(tuned.backbone.scales.scale, model.backbone.scales.scale.float())
     moved = tuned.backbone.messages[0].x_proj[0].weight.detach().double() - model.backbone.messages[0].x_proj[0].weight
     assert moved.abs().max() > 0   # it trained
+
+
+def test_normalisers_written_in_the_config_reach_the_converted_model():
+    """OC22-style: no normalisers stored in the checkpoint, the numbers in the training dataset's
+    transforms (``stdev``); the converted head carries them."""
+    model = _tiny()
+    ckpt = _mono_ckpt(model)
+    ckpt["normalizers"] = {}
+    ckpt["config"]["dataset"] = {"train": {"transforms": {"normalizer": {"energy": {"mean": -0.5, "stdev": 25.0},
+                                                                         "forces": {"mean": 0.0, "stdev": 0.15}}}}}
+    back = convert_checkpoint(ckpt, "a")
+    assert float(back.heads["a"].stats.energy_std) == pytest.approx(25.0)
+    assert float(back.heads["a"].stats.force_std) == pytest.approx(0.15)
+    assert float(back.heads["a"].offset.energy_offset) == pytest.approx(-0.5)
+    ckpt["config"]["dataset"]["train"]["transforms"]["normalizer"] = {"file": "/train/norms.pt"}
+    with pytest.raises(ConversionError, match="holds no 'energy' normaliser"):
+        convert_checkpoint(ckpt, "a")

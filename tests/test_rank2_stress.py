@@ -227,8 +227,11 @@ def test_converter_refuses_unsupported_rank2_heads_and_normalisers():
     with pytest.raises(ConversionError, match="stress_anisotropic normaliser mean must be one finite number"):
         convert_checkpoint(_hydra(ok, normalizers=norms))
     fitted = {"dataset": {"train": {"transforms": {"normalizer": {"file": "/nowhere/normalizers.pt"}}}}}
-    with pytest.raises(ConversionError, match="no 'stress_isotropic' normaliser"):
+    with pytest.raises(ConversionError, match="no 'energy' normaliser"):   # the first one it needs
         convert_checkpoint(_hydra(ok, config=fitted))
+    held = {k: {"mean": torch.tensor(0.0), "rmsd": torch.tensor(1.0)} for k in ("energy", "forces")}
+    with pytest.raises(ConversionError, match="no 'stress_isotropic' normaliser"):
+        convert_checkpoint(_hydra(ok, config=fitted, normalizers=held))
     wrong = {"outputs": {"stress": {"decomposition": {"stress_isotropic": {"irrep_dim": 0},
                                                       "stress_deviator": {"irrep_dim": 2}}}}}
     with pytest.raises(ConversionError, match="outputs.stress.decomposition"):

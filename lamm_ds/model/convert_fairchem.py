@@ -23,7 +23,7 @@ as references and ``force_std`` as force_std.
 
 A checkpoint is read with ``torch.load(weights_only=True)``, which builds tensors and plain
 containers only and never runs code from the file (numpy scalars and dtypes are allowed too, see
-:data:`SAFE_GLOBALS`). A file that needs anything else is refused, naming the global it asked for;
+:data:`lamm_ds.model.fairchem_checkpoint.SAFE_GLOBALS`). A file that needs anything else is refused, naming the global it asked for;
 ``trust_pickle=True`` (``--trust-pickle``) unpickles it fully, which can run arbitrary code: only
 for files you trust.
 """
@@ -39,9 +39,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lamm_ds.model.convert_fairchem_painn import convert_painn_checkpoint, is_painn
 from lamm_ds.model.equiformer_v2 import EquiformerV2Config, EquiformerV2Potential
+from lamm_ds.model.fairchem_checkpoint import (SAFE_GLOBALS, WEIGHTS, ConversionError, UnsafeCheckpointError,
+                                               element_references, load_checkpoint, normaliser_entry,
+                                               normalizers, strip_module, uses_ema, warn_residual_energies)
 from lamm_ds.model.heads import DatasetStats
-from lamm_ds.safe_load import RefusedPickleError, load_weights_only
+
+# the reading side lives in fairchem_checkpoint; these names stay importable from here
+__all__ = ["SAFE_GLOBALS", "WEIGHTS", "ConversionError", "UnsafeCheckpointError", "config_from_fairchem",
+           "convert_checkpoint", "convert_fairchem", "load_checkpoint", "model_section"]
 
 log = logging.getLogger("lamm_ds")
 
@@ -92,72 +99,6 @@ _DENS_ENCODER_WEIGHTS = {f"backbone.{m}.{p}" for m in ("force_embedding", "noise
                          for p in ("weight", "bias")}
 _SKIP = re.compile(r"(^|\.)(SO3_rotation|mappingReduced|SO3_grid|mapping)\.|(^|\.)(expand_index|balance_degree_weight"
                    r"|to_grid_mat|from_grid_mat)$|distance_expansion\.offset$|^energy_lin_ref$")
-
-
-class ConversionError(ValueError):
-    """The checkpoint is not a supported EquiformerV2 checkpoint; the message says why."""
-
-
-class UnsafeCheckpointError(ConversionError):
-    """Weights-only loading refused the checkpoint (it needs a global outside the allow-list)."""
-
-
-def _numpy_safe_globals() -> list:
-    """numpy scalars (e.g. a ``np.float64`` learning rate or metric in the config) and their dtypes.
-
-    A pickled numpy scalar is ``scalar(dtype(code), raw bytes)``: no code from the file runs. Pickles
-    written under numpy 1.x name ``numpy.core.multiarray.scalar``, under numpy 2.x
-    ``numpy._core.multiarray.scalar``: both names are allowed. numpy arrays are not (fairchem
-    stores normalisers and element references as tensors).
-    """
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar
-    # np.dtype rebuilds a scalar's dtype; unpickling then sets its state on the dtype's own class
-    # (numpy >= 1.25: numpy.dtypes.Float64DType etc.), so the numeric dtype classes are needed too
-    dtype_classes = {type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"} - {np.dtype}
-    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype,
-            *sorted(dtype_classes, key=lambda c: c.__name__)]
-
-
-#: what weights-only loading accepts beyond torch's defaults (tensors, dicts, lists, numbers, ...)
-SAFE_GLOBALS = _numpy_safe_globals()
-
-
-def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
-    """A fairchem checkpoint file as a dict; weights-only unless ``trust_pickle``. Errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-    if not head:
-        raise ConversionError(f"{path}: empty file, not a PyTorch checkpoint")
-    # torch.save writes a zip archive (PK...) or, in the legacy format, a pickle (0x80, protocol)
-    if head != b"PK" and head[:1] != b"\x80":
-        raise ConversionError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
-    try:
-        if trust_pickle:
-            ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
-        else:
-            ckpt = load_weights_only(path, SAFE_GLOBALS, map_location="cpu")
-    except RefusedPickleError as exc:
-        if exc.globals:
-            raise UnsafeCheckpointError(
-                f"{path}: refusing to load: the checkpoint needs the Python global(s) {', '.join(exc.globals)}, "
-                f"which weights-only loading does not allow (unpickling them could run code from the file); "
-                f"pass --trust-pickle (trust_pickle=True) to load it anyway, only for files you trust") from None
-        raise UnsafeCheckpointError(
-            f"{path}: refusing to load: weights-only unpickling failed ({exc.detail}): a "
-            f"corrupt file, or a pickle that is not a plain checkpoint; pass --trust-pickle "
-            f"(trust_pickle=True) to unpickle it fully, only for files you trust") from None
-    except Exception as exc:
-        raise ConversionError(f"{path}: not a readable PyTorch checkpoint "
-                              f"({type(exc).__name__}: {str(exc)[:200]})") from None
-    if not isinstance(ckpt, dict):
-        raise ConversionError(f"{path}: not a fairchem checkpoint (a {type(ckpt).__name__}, not a dict)")
-    return ckpt
 
 
 _NOT_CONVERTED = "is not EquiformerV2 or PaiNN (the fairchem models lamm-ds converts)"
@@ -274,12 +215,6 @@ def _check_stress_outputs(config: dict) -> None:
                               f"{_STRESS_PARTS} (name: irrep_dim)")
 
 
-def _strip_module(key: str) -> str:
-    while key.startswith("module."):
-        key = key[len("module."):]
-    return key
-
-
 def map_state_dict(state: dict, monolithic: bool, energy_head: str | None, force_head: str | None,
                    dataset: str, stress_head: str | None = None) -> tuple[dict, list[str]]:
     """fairchem keys -> lamm-ds keys; returns (mapped, skipped fairchem keys)."""
@@ -296,7 +231,7 @@ def map_state_dict(state: dict, monolithic: bool, energy_head: str | None, force
 def _map_key(raw_key: str, monolithic: bool, energy_head: str | None, force_head: str | None,
              dataset: str, stress_head: str | None = None) -> str | None:
     """The lamm-ds key of one fairchem key; None for a head lamm-ds does not convert."""
-    key = _strip_module(raw_key)
+    key = strip_module(raw_key)
     if monolithic:
         if key.startswith("energy_block."):
             return f"heads.{dataset}.{key}"
@@ -334,24 +269,6 @@ def _dens_offset(mapped: dict, backbone_kw: dict) -> dict:
     return {**{k: v for k, v in mapped.items() if k not in _DENS_ENCODER_WEIGHTS}, "backbone.l0_offset": offset}
 
 
-WEIGHTS = ("auto", "ema", "raw")
-
-
-def _uses_ema(ckpt: dict, weights: str) -> bool:
-    """Whether to convert the EMA copy: ``auto`` does what fairchem's predictor does (the EMA weights
-    when the checkpoint has them and its config sets an EMA decay)."""
-    if weights not in WEIGHTS:
-        raise ConversionError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    ema = ckpt.get("ema")
-    has = isinstance(ema, dict) and bool(ema.get("shadow_params"))
-    if weights == "ema" and not has:
-        raise ConversionError("--weights ema: the checkpoint holds no EMA weights ('ema' is empty)")
-    if weights == "auto":
-        decay = ((ckpt.get("config") or {}).get("optim") or {}).get("ema_decay")
-        return has and bool(decay)
-    return weights == "ema"
-
-
 def ema_state(ckpt: dict, monolithic: bool, energy_head: str | None, force_head: str | None, dataset: str,
               params: set[str], dens_backbone_kw: dict | None = None, stress_head: str | None = None) -> dict:
     """lamm-ds key -> EMA tensor. fairchem's EMA keeps ``shadow_params``, one per trainable parameter
@@ -363,7 +280,7 @@ def ema_state(ckpt: dict, monolithic: bool, energy_head: str | None, force_head:
     for raw_key, value in ckpt["state_dict"].items():
         new = _map_key(raw_key, monolithic, energy_head, force_head, dataset, stress_head)
         dens_extra = dens_backbone_kw is not None and new in _DENS_ENCODER_WEIGHTS
-        unconverted_weight = new is None and not _SKIP.search(_strip_module(raw_key))  # not a shared buffer
+        unconverted_weight = new is None and not _SKIP.search(strip_module(raw_key))  # not a shared buffer
         if unconverted_weight or new in params or dens_extra:
             order.append((new, tuple(torch.as_tensor(value).shape)))
     shapes = [tuple(torch.as_tensor(s).shape) for s in shadows]
@@ -376,55 +293,6 @@ def ema_state(ckpt: dict, monolithic: bool, energy_head: str | None, force_head:
     return _dens_offset(out, dens_backbone_kw) if dens_backbone_kw is not None else out
 
 
-def _scalar(x) -> float:
-    return float(torch.as_tensor(x).reshape(-1)[0]) if x is not None else None
-
-
-def _normalizers(ckpt: dict) -> tuple[float, float, float, float]:
-    """(energy mean, energy std, force mean, force std) from the checkpoint or its config."""
-    e_mean, e_std, f_mean, f_std = 0.0, 1.0, 0.0, 1.0
-    norms = ckpt.get("normalizers") or {}
-    for key in ("energy", "target"):
-        if key in norms and norms[key]:
-            e_mean = _scalar(norms[key].get("mean", 0.0))
-            e_std = _scalar(norms[key].get("rmsd", norms[key].get("std", 1.0)))
-            break
-    for key in ("forces", "grad_target"):
-        if key in norms and norms[key]:
-            f_mean = _scalar(norms[key].get("mean", 0.0))
-            f_std = _scalar(norms[key].get("rmsd", norms[key].get("std", 1.0)))
-            break
-    if not norms:  # 2023 configs: dataset.normalize_labels with the numbers inline
-        ds = (ckpt.get("config") or {}).get("dataset") or {}
-        ds = ds[0] if isinstance(ds, list) and ds else ds
-        if isinstance(ds, dict) and ds.get("normalize_labels"):
-            e_mean, e_std = float(ds.get("target_mean", 0.0)), float(ds.get("target_std", 1.0))
-            f_mean, f_std = float(ds.get("grad_target_mean", 0.0)), float(ds.get("grad_target_std", 1.0))
-    return e_mean, e_std, f_mean, f_std
-
-
-def _normaliser_entry(ckpt: dict, key: str) -> dict | None:
-    """fairchem's normaliser for output ``key`` as prediction uses it: the checkpoint's (it
-    overrides the config's on load), else mean/rmsd written in the config; None when there is none.
-    One the config fits or reads from a file, but the checkpoint does not hold, is refused."""
-    norms = ckpt.get("normalizers") or {}
-    if norms.get(key):
-        return norms[key]
-    ds = (ckpt.get("config") or {}).get("dataset") or {}
-    ds = ds[0] if isinstance(ds, list) and ds else ds
-    if isinstance(ds, dict) and isinstance(ds.get("train"), dict):
-        ds = ds["train"]
-    conf = ((ds.get("transforms") or {}).get("normalizer") or {}) if isinstance(ds, dict) else {}
-    entry = conf.get(key)
-    if isinstance(entry, dict) and "file" not in entry:
-        return entry
-    fit = conf.get("fit") or {}
-    if entry is not None or "file" in conf or key in (fit.get("targets") or []):
-        raise ConversionError(f"the checkpoint holds no {key!r} normaliser and its config fits it or reads it "
-                              "from a file, which lamm-ds cannot see: the stress scale is unknown")
-    return None
-
-
 def _stress_normalizers(ckpt: dict) -> tuple[float, float, float]:
     """(isotropic mean, isotropic std, anisotropic std) of fairchem's stress normalisers.
 
@@ -433,7 +301,7 @@ def _stress_normalizers(ckpt: dict) -> tuple[float, float, float]:
     does not rotate with the structure: refused, as a non-zero force mean is."""
     values = {}
     for key in _STRESS_PARTS:
-        entry = _normaliser_entry(ckpt, key) or {}
+        entry = normaliser_entry(ckpt, key) or {}
         rmsd = entry.get("rmsd", entry.get("std", entry.get("stdev", 1.0)))  # std/stdev: older names
         for field, raw in (("mean", entry.get("mean", 0.0)), ("rmsd", rmsd)):
             t = torch.as_tensor(raw, dtype=torch.float64)
@@ -472,10 +340,8 @@ def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem"
         raise ConversionError("not a fairchem checkpoint (needs 'state_dict' and 'config')")
     if not isinstance(ckpt["state_dict"], dict) or not isinstance(ckpt["config"], dict):
         raise ConversionError("not a fairchem checkpoint ('state_dict' and 'config' must be dicts)")
-    from lamm_ds.model import convert_fairchem_painn as painn  # imports this module: not at the top
-
-    if painn.is_painn(ckpt["config"]):
-        return painn.convert_painn_checkpoint(ckpt, dataset, dtype, weights, scale_file)
+    if is_painn(ckpt["config"]):
+        return convert_painn_checkpoint(ckpt, dataset, dtype, weights, scale_file)
     if scale_file is not None:
         raise ConversionError("--scale-file applies to PaiNN checkpoints only (EquiformerV2 has no scale factors)")
     backbone_kw, heads, monolithic = model_section(ckpt["config"])
@@ -500,7 +366,7 @@ def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem"
                     "force head's denoising_pos_block) are not converted; their constant when nothing is denoised "
                     "(the encoders' l=0 bias) becomes backbone.l0_offset, so predictions match DeNS's on clean input")
 
-    e_mean, e_std, f_mean, f_std = _normalizers(ckpt)
+    e_mean, e_std, f_mean, f_std = normalizers(ckpt)
     if abs(f_mean) > 0:
         raise ConversionError(f"force normaliser mean {f_mean} != 0 is not supported")
     refs = np.zeros(cfg.max_z + 1)
@@ -508,12 +374,8 @@ def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem"
     use_lin_ref = {**_FAIRCHEM_DEFAULTS, **backbone_kw}["use_energy_lin_ref"]
     if lin_ref is not None and use_lin_ref:
         refs += e_std * lin_ref.double().numpy()[:cfg.max_z + 1]
-    elementrefs = (ckpt.get("elementrefs") or {}).get("energy")
-    if elementrefs:
-        er = torch.as_tensor(elementrefs.get("element_references")).double().reshape(-1).numpy()
-        if np.any(er[cfg.max_z + 1:] != 0):
-            raise ConversionError("element references beyond max_num_elements")
-        refs[:min(len(er), cfg.max_z + 1)] += er[:cfg.max_z + 1]
+    refs += element_references(ckpt, cfg.max_z)
+    warn_residual_energies(ckpt, adds_linear_reference=bool(lin_ref is not None and use_lin_ref))
 
     stats = DatasetStats(refs, energy_mean=0.0, energy_std=e_std, force_std=f_std)
     model = EquiformerV2Potential(cfg, [dataset], {dataset: stats}).to(dtype)
@@ -539,7 +401,7 @@ def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem"
     if missing:
         raise ConversionError(f"checkpoint lacks weights for {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     model.weights_source = "raw"
-    if _uses_ema(ckpt, weights):
+    if uses_ema(ckpt, weights):
         for key, value in ema_state(ckpt, monolithic, energy_head, force_head, dataset, params,
                                     backbone_kw if dens else None, stress_head).items():
             loadable[key] = value.to(ours[key].dtype)

@@ -30,10 +30,10 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from lamm_ds.model.convert_fairchem import ConversionError, _normalizers, _strip_module, _uses_ema
+from lamm_ds.model.fairchem_checkpoint import (ConversionError, element_references, normalizers, strip_module,
+                                               uses_ema, warn_residual_energies)
 from lamm_ds.model.heads import DatasetStats
 from lamm_ds.model.painn_fairchem import FairchemPaiNNConfig, FairchemPaiNNPotential
 from lamm_ds.safe_load import RefusedPickleError, load_weights_only
@@ -193,17 +193,6 @@ def _ema_weights(ckpt: dict, items: list[tuple[str, torch.Tensor]], mapped_keys:
     return {new: torch.as_tensor(s) for (new, _), s in zip(order, shadows)}
 
 
-def _references(ckpt: dict, max_z: int) -> np.ndarray:
-    refs = np.zeros(max_z + 1)
-    elementrefs = (ckpt.get("elementrefs") or {}).get("energy")
-    if elementrefs:
-        er = torch.as_tensor(elementrefs.get("element_references")).double().reshape(-1).numpy()
-        if np.any(er[max_z + 1:] != 0):
-            raise ConversionError(f"element references beyond num_elements={max_z}")
-        refs[:min(len(er), max_z + 1)] += er[:max_z + 1]
-    return refs
-
-
 def convert_painn_checkpoint(ckpt: dict, dataset: str = "fairchem", dtype: torch.dtype = torch.float32,
                              weights: str = "auto", scale_file: str | os.PathLike | None = None
                              ) -> FairchemPaiNNPotential:
@@ -221,7 +210,7 @@ def convert_painn_checkpoint(ckpt: dict, dataset: str = "fairchem", dtype: torch
         log.warning("convert-fairchem: this PaiNN checkpoint predicts no forces (regress_forces=false); the "
                     "converted model gives -dE/dx, which the checkpoint itself never predicted")
 
-    items = [(_strip_module(k), v) for k, v in ckpt["state_dict"].items()]
+    items = [(strip_module(k), v) for k, v in ckpt["state_dict"].items()]
     mapped_keys = [_map_key(k, monolithic, energy_head, force_head, dataset, cfg.layers) for k, _ in items]
     for (key, value), new in zip(items, mapped_keys):
         if _RBF_OFFSET.match(key):
@@ -231,16 +220,17 @@ def convert_painn_checkpoint(ckpt: dict, dataset: str = "fairchem", dtype: torch
     mapped = {new: v for (_, v), new in zip(items, mapped_keys) if new is not None}
     scales, scale_source = _scale_factors(dict(items), ckpt, fc_kwargs, cfg.layers, scale_file)
 
-    e_mean, e_std, f_mean, f_std = _normalizers(ckpt)
+    e_mean, e_std, f_mean, f_std = normalizers(ckpt)
     if abs(f_mean) > 0:
         raise ConversionError(f"force normaliser mean {f_mean} != 0 is not supported")
-    stats = DatasetStats(_references(ckpt, cfg.max_z), energy_mean=0.0, energy_std=e_std, force_std=f_std)
+    warn_residual_energies(ckpt, adds_linear_reference=False)
+    stats = DatasetStats(element_references(ckpt, cfg.max_z), energy_mean=0.0, energy_std=e_std, force_std=f_std)
     model = FairchemPaiNNPotential(cfg, [dataset], {dataset: stats}).to(dtype)
     model.heads[dataset].offset.energy_offset.fill_(e_mean)
     model.backbone.scales.scale.copy_(scales.float())
 
     model.weights_source = "raw"
-    if _uses_ema(ckpt, weights):
+    if uses_ema(ckpt, weights):
         mapped.update({k: v for k, v in _ema_weights(ckpt, items, mapped_keys).items() if k is not None})
         model.weights_source = "ema"
     ours = model.state_dict()
