@@ -80,3 +80,24 @@ def test_residual_energies_are_announced(caplog):
         assert "residuals" not in caplog.text
         warn_residual_energies(ckpt, adds_linear_reference=False)
     assert "trained on energies minus the linear reference configs/oc22/linref/oc22_linfit_coeffs.npz" in caplog.text
+
+
+def test_the_oc22_equiformer_v2_config_converts():
+    """The model section of fairchem's configs/oc22/s2ef/equiformer_v2/equiformer_v2_N@18_L@6_M@2_e4_f100_121M.yml."""
+    from lamm_ds.model.convert_fairchem import config_from_fairchem, model_section
+
+    oc22 = dict(use_pbc=True, regress_forces=True, otf_graph=True, enforce_max_neighbors_strictly=False,
+                max_neighbors=20, max_radius=12.0, max_num_elements=90, num_layers=18, sphere_channels=128,
+                attn_hidden_channels=64, num_heads=8, attn_alpha_channels=64, attn_value_channels=16,
+                ffn_hidden_channels=128, norm_type="layer_norm_sh", lmax_list=[6], mmax_list=[2],
+                grid_resolution=18, num_sphere_samples=128, edge_channels=128, use_atom_edge_embedding=True,
+                share_atom_edge_embedding=False, use_m_share_rad=False, distance_function="gaussian",
+                num_distance_basis=512, attn_activation="silu", use_s2_act_attn=False, use_attn_renorm=True,
+                ffn_activation="silu", use_gate_act=False, use_grid_mlp=True, use_sep_s2_act=True, alpha_drop=0.1,
+                drop_path_rate=0.1, proj_drop=0.0, weight_init="uniform", load_energy_lin_ref=True,
+                use_energy_lin_ref=True)
+    kwargs, heads, monolithic = model_section({"model": {"name": "equiformer_v2", **oc22}})
+    assert monolithic and not heads
+    cfg = config_from_fairchem(kwargs)
+    assert (cfg.num_layers, cfg.lmax, cfg.mmax, cfg.cutoff, cfg.max_neighbors) == (18, 6, 2, 12.0, 20)
+    assert cfg.max_neighbors_strict is False and cfg.grid_resolution == 18 and cfg.weight_init == "uniform"
