@@ -58,6 +58,18 @@ def import_fairchem(check: str = "models/equiformer_v2/equiformer_v2.py") -> str
     return root
 
 
+def import_fairchem_equiformer_v2():
+    """fairchem's (EquiformerV2Backbone, EqV2ScalarHead, EqV2VectorHead, GraphData), or skip."""
+    import_fairchem("models/equiformer_v2/equiformer_v2.py")
+    try:
+        from fairchem.core.models.base import GraphData
+        from fairchem.core.models.equiformer_v2.equiformer_v2 import EquiformerV2Backbone
+        from fairchem.core.models.equiformer_v2.heads import EqV2ScalarHead, EqV2VectorHead
+    except ImportError as exc:
+        pytest.skip(f"fairchem EquiformerV2 not importable here: {exc}")
+    return EquiformerV2Backbone, EqV2ScalarHead, EqV2VectorHead, GraphData
+
+
 def import_fairchem_painn():
     """fairchem's (PaiNN, PaiNNBackbone, PaiNNEnergyHead, PaiNNForceHead), or skip."""
     import_fairchem("models/painn/painn.py")

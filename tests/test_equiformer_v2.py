@@ -12,7 +12,7 @@ import torch
 from ase.build import bulk, molecule
 from e3nn import o3
 
-from fairchem_shim import import_fairchem
+from fairchem_shim import import_fairchem_equiformer_v2
 from lamm_ds.graphs import build_sample, collate
 from lamm_ds.model.equiformer_v2 import (
     FAIRCHEM_PARAMS,
@@ -357,16 +357,7 @@ def test_run_config_selects_equiformer_v2():
 # fairchem parity (optional dependency)
 
 
-def _import_fairchem():
-    """fairchem-core 1.x's EquiformerV2 (tests/fairchem_shim.py: without its heavy package __init__)."""
-    import_fairchem("models/equiformer_v2/equiformer_v2.py")
-    try:
-        from fairchem.core.models.base import GraphData
-        from fairchem.core.models.equiformer_v2.equiformer_v2 import EquiformerV2Backbone
-        from fairchem.core.models.equiformer_v2.heads import EqV2ScalarHead, EqV2VectorHead
-    except ImportError as exc:
-        pytest.skip(f"fairchem EquiformerV2 not importable here: {exc}")
-    return EquiformerV2Backbone, EqV2ScalarHead, EqV2VectorHead, GraphData
+_import_fairchem = import_fairchem_equiformer_v2  # (Backbone, ScalarHead, VectorHead, GraphData), or skip
 
 
 FAIRCHEM_TINY = dict(num_layers=2, sphere_channels=16, attn_hidden_channels=16, num_heads=2, attn_alpha_channels=8,

@@ -30,7 +30,6 @@ attention are recomputed in backward instead of stored.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
@@ -540,23 +539,12 @@ class EquiformerV2Potential(Potential):
             init_weights(self.stress_head, cfg.weight_init)
         else:
             self.stress_head = None
-        for name in dataset_names:
-            if stats is not None and name not in stats:
-                raise KeyError(f"no DatasetStats given for dataset {name!r}")
-            self.add_dataset(name, None if stats is None else stats[name])
+        self._add_initial_heads(dataset_names, stats)
 
     def add_dataset(self, name: str, stats: DatasetStats | None = None, init_from: str | None = None,
                     offset: float = 0.0) -> int:
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"dataset name must be a non-empty string without '.', got {name!r}")
-        if name in self.heads:
-            raise ValueError(f"dataset {name!r} already has a head")
-        ref = next(self.backbone.parameters())
         head = EqV2EnergyHead(self.cfg, self.backbone.node_grid, stats or DatasetStats.identity(self.cfg.max_z), offset)
-        if init_from is not None:
-            head.energy_block = copy.deepcopy(self.heads[init_from].energy_block)
-        self.heads[name] = head.to(device=ref.device, dtype=ref.dtype)
-        return len(self.heads) - 1
+        return self._install_head(name, head, init_from, "energy_block")
 
     def _stacked_offsets(self) -> torch.Tensor:
         return torch.stack([h.offset.energy_offset for h in self.heads.values()])

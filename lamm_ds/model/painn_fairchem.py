@@ -26,7 +26,6 @@ fairchem adds it). Geometry is evaluated in at least fp32, as in :mod:`lamm_ds.m
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -261,24 +260,13 @@ class FairchemPaiNNPotential(Potential):
         self.heads = nn.ModuleDict()
         self.force_head = FairchemForceHead(cfg.hidden) if cfg.forces == "direct" else None
         self.denoise_head = None
-        for name in dataset_names:
-            if stats is not None and name not in stats:
-                raise KeyError(f"no DatasetStats given for dataset {name!r}")
-            self.add_dataset(name, None if stats is None else stats[name])
+        self._add_initial_heads(dataset_names, stats)
 
     def add_dataset(self, name: str, stats: DatasetStats | None = None, init_from: str | None = None,
                     offset: float = 0.0) -> int:
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"dataset name must be a non-empty string without '.', got {name!r}")
-        if name in self.heads:
-            raise ValueError(f"dataset {name!r} already has a head")
-        ref = next(self.backbone.parameters())
         head = FairchemEnergyHead(self.cfg.hidden, stats or DatasetStats.identity(self.cfg.max_z), self.cfg.max_z,
                                   offset)
-        if init_from is not None:
-            head.mlp = copy.deepcopy(self.heads[init_from].mlp)
-        self.heads[name] = head.to(device=ref.device, dtype=ref.dtype)
-        return len(self.heads) - 1
+        return self._install_head(name, head, init_from, "mlp")
 
     def _features(self, batch: AtomsBatch, vectors: torch.Tensor, conservative: bool, return_features: bool):
         return self.backbone(batch, vectors)

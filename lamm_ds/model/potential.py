@@ -48,10 +48,26 @@ class Potential(nn.Module):
         # force std: the labels are ~unit variance by construction (lamm_ds.denoise), whatever the
         # dataset, and the loss compares them unnormalised (lamm_ds.loss.universal).
         self.denoise_head = DirectForceHead(cfg.hidden) if cfg.denoise_head else None
+        self._add_initial_heads(dataset_names, stats)
+
+    def _add_initial_heads(self, dataset_names: list[str], stats: dict[str, DatasetStats] | None) -> None:
         for name in dataset_names:
             if stats is not None and name not in stats:
                 raise KeyError(f"no DatasetStats given for dataset {name!r}")
             self.add_dataset(name, None if stats is None else stats[name])
+
+    def _install_head(self, name: str, head: nn.Module, init_from: str | None, copied: str) -> int:
+        """Add ``head`` for dataset ``name`` (its ``copied`` block taken from head ``init_from``,
+        when given) on the backbone's device and dtype; returns its dataset index."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"dataset name must be a non-empty string without '.', got {name!r}")
+        if name in self.heads:
+            raise ValueError(f"dataset {name!r} already has a head")
+        if init_from is not None:
+            setattr(head, copied, copy.deepcopy(getattr(self.heads[init_from], copied)))
+        ref = next(self.backbone.parameters())
+        self.heads[name] = head.to(device=ref.device, dtype=ref.dtype)
+        return len(self.heads) - 1
 
     @property
     def dataset_names(self) -> list[str]:
@@ -71,16 +87,8 @@ class Potential(nn.Module):
         ``trained_elements`` keeps its entries; the new head gets none (unknown coverage) until the
         training that fits it records one.
         """
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"dataset name must be a non-empty string without '.', got {name!r}")
-        if name in self.heads:
-            raise ValueError(f"dataset {name!r} already has a head")
-        ref = next(self.parameters())
         head = EnergyHead(self.cfg.hidden, stats or DatasetStats.identity(self.cfg.max_z), self.cfg.max_z)
-        if init_from is not None:
-            head.mlp = copy.deepcopy(self.heads[init_from].mlp)
-        self.heads[name] = head.to(device=ref.device, dtype=ref.dtype)
-        return len(self.heads) - 1
+        return self._install_head(name, head, init_from, "mlp")
 
     def _stacked(self, attr: str) -> torch.Tensor:
         return torch.stack([getattr(h.stats, attr) for h in self.heads.values()])
