@@ -364,3 +364,16 @@ def test_fairchem_rank2_head_parity_raw_and_ema(variant, tmp_path):
         out = loaded(b)
     assert rel(out["stress"][periodic], raw_out[2][periodic]) < 1e-5
     assert loaded.stress_head.norm.iso_mean.item() == pytest.approx(iso_mean)
+
+
+def test_a_model_with_the_stress_head_counts_as_predicting_stress():
+    """The training guard's view: stress labels reach the loss through the direct head as through
+    the strain derivative; a model with neither does not use them."""
+    from lamm_ds.engine.guards import predicts_stress
+    from lamm_ds.model.equiformer_v2 import EquiformerV2Config
+    from lamm_ds.model.painn import PaiNNConfig
+
+    assert predicts_stress(EquiformerV2Config(num_layers=1, stress_head=True))
+    assert predicts_stress(PaiNNConfig(forces="conservative", stress=True))
+    assert not predicts_stress(EquiformerV2Config(num_layers=1))
+    assert not predicts_stress(PaiNNConfig())

@@ -37,7 +37,8 @@ from lamm_ds.engine.distributed import (RendezvousError, agree, leave_process_gr
 from lamm_ds.engine.ds_config import check_compile, check_ema, check_zero_stage, deepspeed_config, resolve_path
 from lamm_ds.engine.ema import WeightEMA, start_ema
 from lamm_ds.engine.finish import finish_run
-from lamm_ds.engine.guards import UselessDatasetError, check_datasets_contribute, check_eval_heads
+from lamm_ds.engine.guards import (UselessDatasetError, check_datasets_contribute, check_eval_heads,
+                                   predicts_stress)
 from lamm_ds.engine.launcher_watch import watch_launcher
 from lamm_ds.engine.model_init import build_or_init_model
 from lamm_ds.engine.optim import build_optimizer
@@ -80,9 +81,7 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
     plan_ranks = check_plan_ranks(cfg, world)
     model = build_or_init_model(cfg, datasets, rank)
     datasets = select_fps(model, datasets, cfg.data.datasets, run_dir, rank)
-    # stress from the strain derivative (model.stress) or from EquiformerV2's direct head
-    stress_model = bool(getattr(model.cfg, "stress", False) or getattr(model.cfg, "stress_head", False))
-    check_datasets_contribute(datasets, cfg, stress_model)
+    check_datasets_contribute(datasets, cfg, predicts_stress(model.cfg))
     check_eval_heads(model, cfg.eval_datasets)
     ds_ids = torch.tensor([model.dataset_index(d.name) for d in datasets])
     ds_config = deepspeed_config(cfg, world)

@@ -12,6 +12,12 @@ class UselessDatasetError(ValueError):
     """A configured dataset cannot contribute any term to the loss."""
 
 
+def predicts_stress(model_cfg) -> bool:
+    """Whether a model's forward gives stress: as the strain derivative (``stress``, conservative
+    forces) or from EquiformerV2's direct rank-2 head (``stress_head``)."""
+    return bool(getattr(model_cfg, "stress", False) or getattr(model_cfg, "stress_head", False))
+
+
 def dataset_contributions(dataset, cfg: RunConfig, stress_model: bool) -> list[str]:
     """The loss terms a dataset can feed under ``cfg`` (empty: training on it would do nothing)."""
     idx = dataset.index
