@@ -80,18 +80,6 @@ def import_fairchem_painn():
     return PaiNN, PaiNNBackbone, PaiNNEnergyHead, PaiNNForceHead
 
 
-def float64_default():
-    """Context: torch's default dtype fp64 (fairchem builds constants in the default dtype)."""
-    class _Ctx:
-        def __enter__(self):
-            self.old = torch.get_default_dtype()
-            torch.set_default_dtype(torch.float64)
-
-        def __exit__(self, *exc):
-            torch.set_default_dtype(self.old)
-    return _Ctx()
-
-
 def fp64_geometry_on_fairchems_graph(net) -> None:
     """Run ``net``'s own graph generation (``otf_graph``: radius_graph_pbc, its neighbour cap,
     get_pbc_distances), which works in fp32 only, on an fp32 copy of the batch, then recompute that

@@ -16,12 +16,12 @@ import pytest
 import torch
 from ase.build import bulk, molecule
 
-from fairchem_shim import (fairchem_batch, fairchem_denormalised, float64_default, fp64_geometry_on_fairchems_graph,
-                           import_fairchem_painn)
+from fairchem_shim import fairchem_batch, fairchem_denormalised, fp64_geometry_on_fairchems_graph, import_fairchem_painn
 from lamm_ds.graphs import build_sample, collate
 from lamm_ds.model.convert_fairchem import ConversionError, convert_checkpoint
 from lamm_ds.model.heads import DatasetStats
 from lamm_ds.model.painn_fairchem import FairchemPaiNNConfig, FairchemPaiNNPotential, mirrored_half
+from lamm_ds.model.so3 import float64_default
 from lamm_ds.structure import Structure
 
 F64 = torch.float64
@@ -69,16 +69,14 @@ def _fairchem_models(layout: str):
     if layout == "monolithic":
         net = PaiNN(**FC_TINY, use_pbc=True, otf_graph=True)
         parts = [net]
-        scaled = net
     else:
         net = Backbone(**FC_TINY, use_pbc=True, otf_graph=True)
         parts = [net, EnergyHead(net), ForceHead(net)]
-        scaled = net
     _random_weights(*parts)
     parts = [m.double() for m in parts]    # built in fp32 like every real checkpoint, evaluated in fp64
     fp64_geometry_on_fairchems_graph(net)
     for k, s in enumerate(SCALES):
-        getattr(scaled, f"upd_out_scalar_scale_{k}").scale_factor.fill_(s)
+        getattr(net, f"upd_out_scalar_scale_{k}").scale_factor.fill_(s)
     return parts
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from ase.build import bulk
 from e3nn import o3
-from fairchem_shim import float64_default, import_fairchem
+from fairchem_shim import import_fairchem
 from test_equiformer_v2 import (
     FAIRCHEM_TINY,
     _transformed,
@@ -26,6 +26,7 @@ from test_equiformer_v2 import (
 from lamm_ds.graphs import build_sample, collate
 from lamm_ds.model.equiformer_v2 import EquiformerV2Config
 from lamm_ds.model.rank2_stress import rank2_basis
+from lamm_ds.model.so3 import float64_default
 from lamm_ds.structure import Structure
 
 F64 = torch.float64

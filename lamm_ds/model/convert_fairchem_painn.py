@@ -110,7 +110,7 @@ def _head_names(heads: dict) -> tuple[str, str | None]:
 
 
 def _map_key(key: str, monolithic: bool, energy_head: str | None, force_head: str | None,
-             dataset: str, layers: int) -> str | None:
+             dataset: str) -> str | None:
     """The lamm-ds key of one fairchem key (``module.`` stripped); None for buffers lamm-ds rebuilds
     and the scale factors (handled apart). Unknown keys raise."""
     if _SCALE_KEY.match(key) or _RBF_OFFSET.match(key):
@@ -211,7 +211,7 @@ def convert_painn_checkpoint(ckpt: dict, dataset: str = "fairchem", dtype: torch
                     "converted model gives -dE/dx, which the checkpoint itself never predicted")
 
     items = [(strip_module(k), v) for k, v in ckpt["state_dict"].items()]
-    mapped_keys = [_map_key(k, monolithic, energy_head, force_head, dataset, cfg.layers) for k, _ in items]
+    mapped_keys = [_map_key(k, monolithic, energy_head, force_head, dataset) for k, _ in items]
     for (key, value), new in zip(items, mapped_keys):
         if _RBF_OFFSET.match(key):
             want = torch.linspace(0.0, 1.0, cfg.num_rbf, dtype=torch.float64)

@@ -178,7 +178,7 @@ class FairchemPaiNN(nn.Module):
         self.updates = nn.ModuleList(FairchemUpdate(h) for _ in range(cfg.layers))
         self.scales = LayerScales(cfg.layers)
 
-    def forward(self, batch: AtomsBatch, vectors: torch.Tensor, need_vectors: bool = True):
+    def forward(self, batch: AtomsBatch, vectors: torch.Tensor):
         s = self.embedding(batch.z)
         fdtype = s.dtype
         edge_index, vectors = mirrored_half(batch.edge_index, batch.shifts, vectors)
