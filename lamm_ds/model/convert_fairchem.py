@@ -42,7 +42,7 @@ import torch
 from lamm_ds.model.convert_fairchem_painn import convert_painn_checkpoint, is_painn
 from lamm_ds.model.equiformer_v2 import EquiformerV2Config, EquiformerV2Potential
 from lamm_ds.model.fairchem_checkpoint import (SAFE_GLOBALS, WEIGHTS, ConversionError, UnsafeCheckpointError,
-                                               element_references, load_checkpoint, normaliser_entry,
+                                               element_references, load_checkpoint, normaliser,
                                                normalizers, strip_module, uses_ema, warn_residual_energies)
 from lamm_ds.model.heads import DatasetStats
 
@@ -299,24 +299,12 @@ def _stress_normalizers(ckpt: dict) -> tuple[float, float, float]:
     The isotropic mean is a constant pressure, folded into the head; an anisotropic mean would add
     the same number to all five l = 2 components, a fixed traceless tensor in the lab frame that
     does not rotate with the structure: refused, as a non-zero force mean is."""
-    values = {}
-    for key in _STRESS_PARTS:
-        entry = normaliser_entry(ckpt, key) or {}
-        rmsd = entry.get("rmsd", entry.get("std", entry.get("stdev", 1.0)))  # std/stdev: older names
-        for field, raw in (("mean", entry.get("mean", 0.0)), ("rmsd", rmsd)):
-            t = torch.as_tensor(raw, dtype=torch.float64)
-            if t.numel() != 1 or not bool(torch.isfinite(t).all()):
-                raise ConversionError(f"{key} normaliser {field} must be one finite number, got shape "
-                                      f"{tuple(t.shape)}: {t.reshape(-1)[:6].tolist()}")
-            values[key, field] = float(t.reshape(-1)[0])
-    if values["stress_anisotropic", "mean"] != 0.0:
-        raise ConversionError(f"stress_anisotropic normaliser mean {values['stress_anisotropic', 'mean']} != 0 is not "
-                              "supported (it would add a constant traceless stress that does not rotate with "
-                              "the structure)")
-    for key in _STRESS_PARTS:
-        if not values[key, "rmsd"] > 0:
-            raise ConversionError(f"{key} normaliser rmsd must be > 0, got {values[key, 'rmsd']}")
-    return values["stress_isotropic", "mean"], values["stress_isotropic", "rmsd"], values["stress_anisotropic", "rmsd"]
+    iso_mean, iso_std = normaliser(ckpt, "stress_isotropic")
+    aniso_mean, aniso_std = normaliser(ckpt, "stress_anisotropic")
+    if aniso_mean != 0.0:
+        raise ConversionError(f"stress_anisotropic normaliser mean {aniso_mean} != 0 is not supported (it would "
+                              "add a constant traceless stress that does not rotate with the structure)")
+    return iso_mean, iso_std, aniso_std
 
 
 def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem",

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lamm_ds.graphs.batch import AtomsBatch
-from lamm_ds.model.heads import DatasetStats, StatsBuffers
-from lamm_ds.model.numerics import FORCE_MODES, PreciseBuffers, gaussian, geometry_dtype
+from lamm_ds.model.heads import DatasetStats, EnergyOffset, StatsBuffers, graph_energy_offsets
+from lamm_ds.model.numerics import FORCE_MODES, gaussian, geometry_dtype
 from lamm_ds.model.potential import Potential
 from lamm_ds.model.rank2_stress import Rank2StressHead
 from lamm_ds.model.so3 import EdgeRotation, S2Grid, SO3Layout, SO3Linear, edge_frames, grid_silu, make_norm
@@ -476,11 +476,6 @@ def init_weights(module: nn.Module, kind: str) -> None:
 # heads and the multi-dataset potential
 
 
-class _Offset(PreciseBuffers):
-    def __init__(self, value: float = 0.0) -> None:
-        super().__init__()
-        self.register_buffer("energy_offset", torch.tensor(float(value), dtype=torch.float32))
-
 
 class EqV2EnergyHead(nn.Module):
     """Per-dataset head: feed-forward block -> l = 0 -> per-atom energy (normalised units, before
@@ -490,7 +485,7 @@ class EqV2EnergyHead(nn.Module):
         super().__init__()
         self.energy_block = FeedForward(cfg, node_grid, cfg.sphere_channels, cfg.ffn_hidden_channels, 1)
         self.stats = StatsBuffers(stats, cfg.max_z)
-        self.offset = _Offset(offset)
+        self.offset = EnergyOffset(offset)
         init_weights(self.energy_block, cfg.weight_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -546,9 +541,6 @@ class EquiformerV2Potential(Potential):
         head = EqV2EnergyHead(self.cfg, self.backbone.node_grid, stats or DatasetStats.identity(self.cfg.max_z), offset)
         return self._install_head(name, head, init_from, "energy_block")
 
-    def _stacked_offsets(self) -> torch.Tensor:
-        return torch.stack([h.offset.energy_offset for h in self.heads.values()])
-
     def forward(self, batch: AtomsBatch, return_features: bool = False) -> dict[str, torch.Tensor]:
         """Potential's forward; with ``cfg.stress_head`` also ``stress`` (B, 3, 3) from the direct head
         (eV/Å^3, ASE sign; zero for graphs without a periodic cell)."""
@@ -575,7 +567,7 @@ class EquiformerV2Potential(Potential):
         return e_norm / batch.natoms.to(gdtype).index_select(0, batch.batch)
 
     def _graph_energy_offset(self, batch: AtomsBatch, gdtype) -> torch.Tensor:
-        return self._stacked_offsets().to(gdtype)[batch.dataset_id]
+        return graph_energy_offsets(self.heads, batch.dataset_id, gdtype)
 
     def _direct_forces(self, feats) -> torch.Tensor:
         return self.force_head(*feats)

@@ -122,6 +122,20 @@ def fit_dataset_stats(structures: Iterable, max_z: int, references: np.ndarray |
     return DatasetStats(refs, mean, std, fstd)
 
 
+class EnergyOffset(PreciseBuffers):
+    """A head's per-structure energy constant (eV; a converted fairchem energy normaliser's mean),
+    an fp32 buffer immune to bf16 casts."""
+
+    def __init__(self, value: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("energy_offset", torch.tensor(float(value), dtype=torch.float32))
+
+
+def graph_energy_offsets(heads: nn.ModuleDict, dataset_id: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each graph's energy offset, from the head of its dataset (heads with an ``offset``)."""
+    return torch.stack([h.offset.energy_offset for h in heads.values()]).to(dtype)[dataset_id]
+
+
 class StatsBuffers(PreciseBuffers):
     """A dataset's references and scales as fp32 buffers (in state_dict, immune to bf16 casts)."""
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lamm_ds.graphs.batch import AtomsBatch
-from lamm_ds.model.heads import DatasetStats, StatsBuffers
+from lamm_ds.model.heads import DatasetStats, EnergyOffset, StatsBuffers, graph_energy_offsets
 from lamm_ds.model.numerics import FORCE_MODES, PreciseBuffers, gaussian, geometry_dtype
 from lamm_ds.model.potential import Potential
 
@@ -203,16 +203,11 @@ class FairchemEnergyHead(nn.Module):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(hidden, hidden // 2), ScaledSiLU(), nn.Linear(hidden // 2, 1))
         self.stats = StatsBuffers(stats, max_z)
-        self.offset = _Offset(offset)
+        self.offset = EnergyOffset(offset)
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return self.mlp(s).squeeze(-1)
 
-
-class _Offset(PreciseBuffers):
-    def __init__(self, value: float = 0.0) -> None:
-        super().__init__()
-        self.register_buffer("energy_offset", torch.tensor(float(value), dtype=torch.float32))
 
 
 class FairchemGatedBlock(nn.Module):
@@ -272,5 +267,4 @@ class FairchemPaiNNPotential(Potential):
         return self.backbone(batch, vectors)
 
     def _graph_energy_offset(self, batch: AtomsBatch, gdtype) -> torch.Tensor:
-        offsets = torch.stack([h.offset.energy_offset for h in self.heads.values()])
-        return offsets.to(gdtype)[batch.dataset_id]
+        return graph_energy_offsets(self.heads, batch.dataset_id, gdtype)
