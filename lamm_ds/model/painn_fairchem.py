@@ -84,7 +84,7 @@ class ScaledSiLU(nn.Module):
         return F.silu(x) * _SILU_SCALE
 
 
-class EnvelopedGaussians(nn.Module):
+class EnvelopedGaussians(PreciseBuffers):
     """``num_rbf`` Gaussians on the scaled distance ``d / cutoff`` times the polynomial envelope."""
 
     def __init__(self, num_rbf: int, cutoff: float, exponent: int) -> None:
@@ -94,14 +94,14 @@ class EnvelopedGaussians(nn.Module):
         # (also when evaluated in fp64) so that fp64 parity checks compare like with like
         centres = torch.linspace(0.0, 1.0, num_rbf, dtype=torch.float32)
         self.coeff = -0.5 / float(centres[1] - centres[0]) ** 2
-        self.centres = centres.tolist()
+        self.register_buffer("centres", centres, persistent=False)
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
         x = r * (1.0 / self.cutoff)
         p = self.p
         envelope = (1 - (p + 1) * (p + 2) / 2 * x ** p + p * (p + 2) * x ** (p + 1) - p * (p + 1) / 2 * x ** (p + 2))
         envelope = torch.where(x < 1, envelope, torch.zeros_like(x))
-        centres = torch.tensor(self.centres, device=r.device, dtype=r.dtype)
+        centres = self.centres.to(r.dtype)
         return envelope.unsqueeze(-1) * gaussian(self.coeff * (x.unsqueeze(-1) - centres) ** 2)
 
 
