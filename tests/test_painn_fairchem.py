@@ -448,3 +448,33 @@ def test_normalisers_written_in_the_config_reach_the_converted_model():
     ckpt["config"]["dataset"]["train"]["transforms"]["normalizer"] = {"file": "/train/norms.pt"}
     with pytest.raises(ConversionError, match="holds no 'energy' normaliser"):
         convert_checkpoint(ckpt, "a")
+
+
+def test_a_bad_scale_file_is_named_and_nothing_is_written(tmp_path, capsys):
+    """convert-fairchem --scale-file: a missing, unreadable or wrong-shaped file exits 2 naming it,
+    and no model file is left behind."""
+    from lamm_ds.cli import main as cli_main
+
+    model = _tiny()
+    ckpt = _mono_ckpt(model)
+    ckpt["state_dict"] = {k: (torch.zeros_like(v) if k.endswith("scale_factor") else v)
+                          for k, v in ckpt["state_dict"].items()}
+    ckpt["config"]["model_attributes"]["scale_file"] = "painn_scaling_factors.json"
+    torch.save(ckpt, tmp_path / "painn.pt")
+    out = tmp_path / "painn.safetensors"
+    bad_json = tmp_path / "broken.json"
+    bad_json.write_text("{not json")
+    listed = tmp_path / "list.json"
+    listed.write_text("[1.0, 2.0]")
+    cases = [(None, "config names scale_file 'painn_scaling_factors.json'"),
+             (tmp_path / "missing.json", f"scale file {tmp_path / 'missing.json'}: no such file"),
+             (bad_json, f"scale file {bad_json}: not a readable JSON"),
+             (listed, f"scale file {listed}: holds a list, not a dict of scale factors")]
+    for scale_file, message in cases:
+        argv = ["convert-fairchem", str(tmp_path / "painn.pt"), str(out)]
+        if scale_file is not None:
+            argv += ["--scale-file", str(scale_file)]
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(tmp_path / "painn.pt") in err, err
+        assert not out.exists() and list(tmp_path.glob("painn.safetensors*")) == []
