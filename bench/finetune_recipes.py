@@ -7,7 +7,10 @@ schedule:
 * ``plain``: the defaults (new head copied from the closest pre-trained head, backbone at optim.lr);
 * ``replay``: ``--replay 3bpa:100`` (random), 20% of the draws, into the 3bpa head;
 * ``replay_fps``: the same, the 100 chosen by farthest-point sampling in the pre-trained features;
-* ``replay_share_0.1``: random replay with 10% of the draws;
+* ``replay_share_0.1``: random replay with 10% of the draws (the default share);
+* ``replay_share_0.05``: 5% of the draws;
+* ``replay_w0.5``: 10% of the draws, their loss weighted 0.5 (``finetune.replay_weight``);
+* ``replay_share_0.2_w0.25``: 20% of the draws weighted 0.25;
 * ``lr_decay``, ``lr_decay_0.9``: ``finetune.layer_lr_decay=0.7`` / ``0.9``;
 * ``ema``, ``ema_0.95``: ``optim.ema_decay=0.99`` / ``0.95`` (the exported and evaluated model is the EMA copy).
 
@@ -43,6 +46,10 @@ def arms(data: dict[str, Path]) -> dict[str, list[str]]:
         "replay": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.2"],
         "replay_fps": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.2", "finetune.replay_selection=fps"],
         "replay_share_0.1": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.1"],
+        "replay_share_0.05": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.05"],
+        "replay_w0.5": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.1", "finetune.replay_weight=0.5"],
+        "replay_share_0.2_w0.25": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.2",
+                                   "finetune.replay_weight=0.25"],
         "lr_decay": ["finetune.layer_lr_decay=0.7"],
         "lr_decay_0.9": ["finetune.layer_lr_decay=0.9"],
         "ema": ["optim.ema_decay=0.99"],

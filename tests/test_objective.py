@@ -153,6 +153,46 @@ def test_counts_and_terms_by_hand():
     torch.testing.assert_close(m["force_mae"], f_phys.abs().mean())
 
 
+@pytest.mark.parametrize("energy_metric", ["mae", "mse"])
+@pytest.mark.parametrize("force_metric", ["l2", "mse"])
+def test_graph_weights_scale_each_graphs_errors(energy_metric, force_metric):
+    """A dataset's loss_weight multiplies its graphs' errors in every term; the denominators still count
+    every labelled graph/atom (weights of 1 give the plain loss, and the split stays exact)."""
+    batch = mixed_batch()
+    cfg = LossConfig(stress_weight=0.3, pseudo_force_weight=2.0, energy_metric=energy_metric,
+                     force_metric=force_metric)
+    out = ToyPotential()(batch)
+    plain, _ = universal_loss(out, batch, cfg)
+    ones, _ = universal_loss(out, batch, cfg, graph_weight=torch.ones(batch.num_graphs))
+    torch.testing.assert_close(ones, plain, rtol=1e-12, atol=0)
+    w = torch.tensor([0.5, 1.0, 3.0])[batch.dataset_id].to(DT)  # by dataset: graphs 0..6 are datasets i % 3
+    loss, m = universal_loss(out, batch, cfg, graph_weight=w)
+    with torch.no_grad():
+        he, hs = batch.has_energy, batch.has_stress
+        e = ((out["energy"] - batch.energy) / batch.natoms / out["energy_scale"])
+        e = e.abs() if energy_metric == "mae" else e.square()
+        err = (out["forces"] - batch.forces) / out["force_scale"][batch.batch, None]
+        f = err.norm(dim=-1) if force_metric == "l2" else err.square().mean(-1)
+        real = (batch.has_forces & ~batch.is_pseudo)[batch.batch] & ~batch.fixed
+        pseudo = batch.is_pseudo[batch.batch] & ~batch.fixed
+        s = (out["stress"] - batch.stress).reshape(-1, 9)
+        s = (s.abs() if energy_metric == "mae" else s.square()).mean(-1)
+        wa = w[batch.batch]
+        expect = {"energy": (w * e)[he].sum() / he.sum(), "force": (wa * f)[real].sum() / real.sum(),
+                  "pseudo": (wa * f)[pseudo].sum() / pseudo.sum(), "stress": (w * s)[hs].sum() / hs.sum()}
+    for k, v in expect.items():
+        torch.testing.assert_close(m[f"loss_{k}"], v)
+    torch.testing.assert_close(loss.detach(), expect["energy"] + 10 * expect["force"] + 2 * expect["pseudo"]
+                               + 0.3 * expect["stress"])
+    assert not torch.allclose(loss, plain)
+    # split over "ranks": the weighted losses still add up to the single-process one
+    parts = [[3], [6, 0, 5], [1, 2, 4]]
+    counts = local_counts(batch)
+    total = sum(universal_loss(ToyPotential()(batch.select(p)), batch.select(p), cfg, global_counts=counts,
+                               world_size=3, graph_weight=w[p])[0].detach() / 3 for p in parts)
+    torch.testing.assert_close(total, loss.detach(), rtol=0, atol=1e-10)
+
+
 def test_metric_choices():
     batch = mixed_batch()
     out = {k: v.detach() for k, v in ToyPotential()(batch).items()}

@@ -78,6 +78,16 @@ def test_replay_items_become_datasets_with_a_fixed_share(demo_data):
     assert [e.name for e in entries] == ["demo_downstream", "demo_metals", "demo_energy"]
     assert entries[1].samples == 12 and entries[2].samples == 0
     assert entries[1].share + entries[2].share == pytest.approx(0.3)
+    assert [e.loss_weight for e in entries] == [1.0, 1.0, 1.0]  # finetune.replay_weight's default
+    weighted = with_replay(load_config([], [f"data.datasets=[{{name: demo_downstream, path: "
+                                            f"{demo_data['demo_downstream']}}}]", f'finetune.replay=["{metals}"]',
+                                            "finetune.replay_weight=0.25"])).data.datasets
+    assert [e.loss_weight for e in weighted] == [1.0, 0.25]
+    for bad in ("finetune.replay_weight=0", "finetune.replay_weight=-1", "finetune.replay_weight=.nan"):
+        with pytest.raises(ConfigError, match="replay_weight must be a finite number > 0"):
+            load_config([], [bad])
+    with pytest.raises(ConfigError, match="loss_weight must be a finite number > 0"):
+        load_config([], [f"data.datasets=[{{name: a, path: {metals}, loss_weight: 0}}]"])
     datasets = open_datasets(entries, None, seed=0)
     assert len(datasets[1]) == 12 and isinstance(datasets[1], SubsetDataset)
     again = open_datasets(entries, None, seed=0)[1]
@@ -91,11 +101,23 @@ def test_replay_items_become_datasets_with_a_fixed_share(demo_data):
         with_replay(twice)
 
 
+def test_each_graph_is_weighted_by_its_run_datasets_loss_weight(demo_data):
+    from lamm_ds.engine.step import graph_loss_weights
+
+    metals = demo_data["demo_metals"]
+    cfg = with_replay(load_config([], [f"data.datasets=[{{name: demo_downstream, path: {demo_data['demo_downstream']}}}]",
+                                       f'finetune.replay=["{metals}"]', "finetune.replay_weight=0.25"]))
+    run_ids = torch.tensor([1, 0, 0, 1, 1])  # the run's dataset index (before the head remap)
+    assert graph_loss_weights(cfg, run_ids).tolist() == [0.25, 1.0, 1.0, 0.25, 0.25]
+    unweighted = with_replay(load_config([], [f'finetune.replay=["{metals}"]']))
+    assert graph_loss_weights(unweighted, run_ids) is None  # every weight 1: the plain loss, no multiply
+
+
 def test_finetuning_with_replay_trains_the_replayed_head(pretrained, demo_data, tmp_path):
     run = tmp_path / "ft"
     proc = _launch("finetune.py", run, demo_data, "--init", str(pretrained),
                    "--replay", f"{demo_data['demo_metals']}:10", *_finetune_args(demo_data),
-                   "finetune.replay_selection=fps", "finetune.replay_share=0.5")
+                   "finetune.replay_selection=fps", "finetune.replay_share=0.5", "finetune.replay_weight=0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     chosen = json.loads((run / "replay" / "demo_metals.json").read_text())
     assert chosen["samples"] == 10 and len(set(chosen["indices"])) == 10

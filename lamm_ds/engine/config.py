@@ -6,6 +6,7 @@ each section's own validation (``__post_init__``) runs when the config is materi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -36,6 +37,7 @@ class DatasetConfig:
     selection: str = "random"       # "random" (seeded) or "fps": farthest-point sampling in the initial model's
                                     # feature space (per-structure mean of the backbone's invariant features)
     share: Optional[float] = None   # a fixed fraction of the draws (e.g. replay); null: temperature sampling
+    loss_weight: float = 1.0        # multiplies its samples' errors in every loss term (denominators unchanged)
 
     def __post_init__(self) -> None:
         if self.samples < 0:
@@ -44,6 +46,8 @@ class DatasetConfig:
             raise ValueError(f"dataset {self.name!r}: selection must be 'random' or 'fps', got {self.selection!r}")
         if self.share is not None and not 0 < self.share < 1:
             raise ValueError(f"dataset {self.name!r}: share must be in (0, 1) or null, got {self.share}")
+        if not (self.loss_weight > 0 and math.isfinite(self.loss_weight)):
+            raise ValueError(f"dataset {self.name!r}: loss_weight must be a finite number > 0, got {self.loss_weight}")
         if self.references not in ("fit", "average", "zero") and not self.references.startswith("isolated:"):
             raise ValueError(f"dataset {self.name!r}: references must be 'fit', 'average', 'zero' or "
                              "'isolated:<file>', "
@@ -104,12 +108,15 @@ class FinetuneConfig:
                                                      # pre-trained head of the dataset's name (N: a subset)
     replay_share: float = 0.1           # fraction of the draws the replay sets get together (measured: docs/results.md)
     replay_selection: str = "random"    # how the N replayed structures are chosen: "random" or "fps"
+    replay_weight: float = 1.0          # loss weight of the replayed samples (their datasets' loss_weight)
 
     def __post_init__(self) -> None:
         if not 0 < self.replay_share < 1:
             raise ValueError(f"finetune.replay_share must be in (0, 1), got {self.replay_share}")
         if self.replay_selection not in ("random", "fps"):
             raise ValueError(f"finetune.replay_selection must be 'random' or 'fps', got {self.replay_selection!r}")
+        if not (self.replay_weight > 0 and math.isfinite(self.replay_weight)):
+            raise ValueError(f"finetune.replay_weight must be a finite number > 0, got {self.replay_weight}")
         if self.forces not in (None, "direct", "conservative"):
             raise ValueError(f"finetune.forces must be null, 'direct' or 'conservative', got {self.forces!r}")
         if self.new_elements not in ("similar", "random"):

@@ -58,7 +58,8 @@ def random_subset(ds: LmdbDataset, entry: DatasetConfig, seed: int):
 def with_replay(cfg: RunConfig) -> RunConfig:
     """``cfg`` with each ``finetune.replay`` item ("DATASET_DIR[:N]") added to ``data.datasets``: named
     after the dataset (its pre-trained head), N structures chosen by ``replay_selection``, the replay
-    sets together taking ``replay_share`` of the draws (split by their sizes' temperature weights)."""
+    sets together taking ``replay_share`` of the draws (split by their sizes' temperature weights), their
+    samples' errors weighted by ``replay_weight`` in the loss."""
     ft = cfg.finetune
     if not ft.replay:
         return cfg
@@ -66,7 +67,7 @@ def with_replay(cfg: RunConfig) -> RunConfig:
     sizes = [n or read_manifest(path)["num_samples"] for path, n in items]
     weights = np.asarray(sizes, dtype=float) ** (1.0 / cfg.data.temperature)
     extra = [DatasetConfig(name=read_manifest(path)["name"], path=path, samples=n, selection=ft.replay_selection,
-                           share=float(ft.replay_share * w / weights.sum()))
+                           share=float(ft.replay_share * w / weights.sum()), loss_weight=ft.replay_weight)
              for (path, n), w in zip(items, weights)]
     clash = {e.name for e in extra} & {e.name for e in cfg.data.datasets}
     if clash:

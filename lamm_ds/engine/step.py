@@ -87,18 +87,29 @@ class StepResult:
     manual_grad_norm: float | None  # DeepSpeed reports no norm at ZeRO stage 0: computed here
 
 
+def graph_loss_weights(cfg: RunConfig, run_dataset_id: torch.Tensor) -> torch.Tensor | None:
+    """Each graph's loss weight, its dataset's ``loss_weight``; None when every dataset weighs 1 (the
+    unweighted loss, computed without a multiply)."""
+    weights = [d.loss_weight for d in cfg.data.datasets]
+    if all(w == 1.0 for w in weights):
+        return None
+    return torch.tensor(weights, dtype=torch.float32)[run_dataset_id]
+
+
 def train_step(engine, batch: AtomsBatch, epoch: int, step: int, cfg: RunConfig, ds_ids: torch.Tensor,
                device: torch.device, world: int, guard: NonFiniteGuard) -> StepResult | None:
     """Forward, loss, backward and update of one step; ``None`` when the step was skipped."""
     t0 = time.perf_counter()
+    weights = graph_loss_weights(cfg, batch.dataset_id)  # by the run's dataset index, before the head remap
     batch = batch.replace(dataset_id=ds_ids[batch.dataset_id])
     batch = prepare_batch(batch, cfg, epoch).to(device, torch.float32)
+    weights = None if weights is None else weights.to(device)
     t_sync = time.perf_counter()
     counts = local_counts(batch).to(device)
     dist.all_reduce(counts)
     t_sync = time.perf_counter() - t_sync
     out = engine(batch)
-    loss, _ = universal_loss(out, batch, cfg.loss, global_counts=counts, world_size=world)
+    loss, _ = universal_loss(out, batch, cfg.loss, global_counts=counts, world_size=world, graph_weight=weights)
     if step in cfg.faults.inject_nan_steps:
         loss = loss * float("nan")
     finite = torch.tensor([float(torch.isfinite(loss).item())], device=device)

@@ -19,6 +19,10 @@ Terms (errors are divided by the graph's dataset normalisation std from the mode
 
 Masked-out entries are removed by indexing, not multiplied by zero, so a NaN or infinity in an
 unlabelled slot cannot leak into the loss or its gradient.
+
+A per-graph ``graph_weight`` (e.g. a dataset's ``loss_weight``: replayed pre-training data during
+fine-tuning) multiplies that graph's errors in every term; the denominators still count every
+labelled graph/atom, so a weight of 1 everywhere is exactly the unweighted loss.
 """
 
 from __future__ import annotations
@@ -127,21 +131,34 @@ def _stress_err(out: dict, batch: AtomsBatch, sel: torch.Tensor) -> torch.Tensor
     return err / _per_graph(out, "stress_scale", batch, s_pred)[sel].unsqueeze(-1)
 
 
-def _error_sums(out: dict, batch: AtomsBatch, cfg: LossConfig, masks: dict) -> dict[str, torch.Tensor]:
-    """Un-normalised-by-count error sums of each term (differentiable)."""
+def _weighted_sum(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    return values.sum() if weight is None else (values * weight.to(values.dtype)).sum()
+
+
+def _error_sums(out: dict, batch: AtomsBatch, cfg: LossConfig, masks: dict,
+                graph_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Un-normalised-by-count error sums of each term (differentiable), each graph's errors times
+    its ``graph_weight`` (None: 1)."""
+    def weight(term: str) -> torch.Tensor | None:
+        if graph_weight is None:
+            return None
+        sel = masks[term]
+        return graph_weight[sel] if term in ("energy", "stress") else graph_weight[batch.batch[sel]]
+
     sums = {}
     e = _energy_err(out, batch, masks["energy"], normalise=True)
-    sums["energy"] = e.abs().sum() if cfg.energy_metric == "mae" else e.square().sum()
+    sums["energy"] = _weighted_sum(e.abs() if cfg.energy_metric == "mae" else e.square(), weight("energy"))
     for term in ("force", "pseudo"):
         f = _force_err(out, batch, masks[term], normalise=True, term=term)
         if cfg.force_metric == "l2":
             # vector_norm's backward is 0 (not NaN) at a zero error
-            sums[term] = torch.linalg.vector_norm(f, dim=-1).sum()
-        else:
-            sums[term] = f.square().sum() / 3.0  # mean over the 3 components, summed over atoms
+            sums[term] = _weighted_sum(torch.linalg.vector_norm(f, dim=-1), weight(term))
+        else:  # mean over the 3 components, summed over atoms
+            sums[term] = _weighted_sum(f.square().sum(-1), weight(term)) / 3.0
     if "stress" in out:
         s = _stress_err(out, batch, masks["stress"])
-        sums["stress"] = (s.abs() if cfg.energy_metric == "mae" else s.square()).mean(-1).sum()
+        sums["stress"] = _weighted_sum((s.abs() if cfg.energy_metric == "mae" else s.square()).mean(-1),
+                                       weight("stress"))
     elif cfg.stress_weight != 0.0:
         raise KeyError("stress_weight > 0 but the model output has no 'stress'")
     else:
@@ -155,10 +172,12 @@ def universal_loss(
     cfg: LossConfig,
     global_counts: torch.Tensor | None = None,
     world_size: int = 1,
+    graph_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted multi-task loss of this rank and detached metrics.
 
     ``global_counts``: all-reduced ``local_counts`` (None = this batch's own counts, i.e. single process).
+    ``graph_weight``: (B,) non-negative per-graph loss weights (None: all 1).
     Returns ``loss = sum_t w_t * local_sum_t / max(global_count_t, 1) * world_size``.
 
     Metrics (0-dim detached tensors; no host sync): ``loss``, ``loss_<term>`` (unweighted, same
@@ -171,7 +190,7 @@ def universal_loss(
     counts = local_counts(batch) if global_counts is None else global_counts
     dtype = out["energy"].dtype
     denom = counts.to(device=out["energy"].device, dtype=dtype).clamp_min(1.0) / float(world_size)
-    sums = _error_sums(out, batch, cfg, masks)
+    sums = _error_sums(out, batch, cfg, masks, graph_weight)
     weights = {"energy": cfg.energy_weight, "force": cfg.force_weight,
                "pseudo": cfg.pseudo_force_weight, "stress": cfg.stress_weight}
     loss = out["energy"].new_zeros(())
