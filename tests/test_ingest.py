@@ -305,10 +305,13 @@ def test_cli_ingest_and_info_json(tmp_path, capsys):
 
 def test_parallel_extxyz_ranges_give_the_serial_dataset(tmp_path, monkeypatch):
     """With workers > 1 the workers parse byte ranges of extxyz files themselves; a mix of such files
-    and files read in the main process (a .traj) gives the same dataset, byte for byte."""
+    and files read in the main process (a .traj) gives the same dataset, byte for byte, as one worker
+    and as ASE's own reader of the whole file (the fast frame parser and its ranges switched off)."""
     import lamm_ds.ingest.pipeline as pipeline
+    import lamm_ds.ingest.xyz_chunks as xyz_chunks
 
-    monkeypatch.setattr(pipeline, "_RANGE_FRAMES", 7)  # several ranges per file, a short last one
+    for module in (pipeline, xyz_chunks):  # several ranges per file, a short last one
+        monkeypatch.setattr(module, "RANGE_FRAMES", 7)
     frames = _frames(60)
     f1 = _write(tmp_path / "a.xyz", frames[:31])
     traj = tmp_path / "b.traj"
@@ -322,6 +325,10 @@ def test_parallel_extxyz_ranges_give_the_serial_dataset(tmp_path, monkeypatch):
     assert r1.read == r2.read == 60 and r2.written == 60
     m1, m2 = read_manifest(tmp_path / "w1"), read_manifest(tmp_path / "w2")
     assert m1["checksum"] == m2["checksum"] and m1["manifest_checksum"] == m2["manifest_checksum"]
+    with monkeypatch.context() as m:
+        m.setattr(xyz_chunks, "frame_ranges", lambda *a: None)  # the whole file through ase.io.iread
+        ingest(inputs, tmp_path / "ase", _opts(workers=1))
+    assert read_manifest(tmp_path / "ase")["checksum"] == m1["checksum"]
     ds = LmdbDataset(tmp_path / "w2")
     assert [(ds[k].source, ds[k].source_index) for k in (0, 30, 31, 45, 59)] == \
         [(f1, 0), (f1, 30), (str(traj), 0), (f3, 0), (f3, 14)]
@@ -330,7 +337,10 @@ def test_parallel_extxyz_ranges_give_the_serial_dataset(tmp_path, monkeypatch):
 def test_parallel_extxyz_errors_name_the_structure(tmp_path, monkeypatch):
     import lamm_ds.ingest.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "_RANGE_FRAMES", 4)
+    import lamm_ds.ingest.xyz_chunks as xyz_chunks
+
+    for module in (pipeline, xyz_chunks):
+        monkeypatch.setattr(module, "RANGE_FRAMES", 4)
     f = _write(tmp_path / "a.xyz", _frames(12))
     lines = Path(f).read_text().splitlines(keepends=True)
     starts = [i for i, line in enumerate(lines) if line.strip().isdigit()]

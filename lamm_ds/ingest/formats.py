@@ -86,7 +86,7 @@ _FAIRCHEM = "lamm_ds.ingest.readers:iter_fairchem_preset"
 
 FORMATS: dict[str, FormatSpec] = {spec.name: spec for spec in (
     FormatSpec("ase", "anything ase.io reads (extxyz, VASP, CIF, trajectories, ...)",
-               "lamm_ds.ingest.readers:iter_ase_source", label_keys=True),
+               "lamm_ds.ingest.xyz_chunks:iter_ase_source", label_keys=True),
     FormatSpec("ase-db", "ASE SQLite database (*.db)", "lamm_ds.ingest.readers:iter_ase_db_source",
                label_keys=True),
     FormatSpec("fairchem-lmdb", "fairchem/OCP LMDB of pickled PyG Data (*.lmdb or a folder of them)",

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from lamm_ds.ingest.formats import FormatSpec, ReadContext, check_options, resolve
 from lamm_ds.ingest.readers import (IngestError, LabelKeys, expand_inputs, iter_source, missing_labels_error,
                                     unread_label_notes)
-from lamm_ds.ingest.xyz_chunks import frame_ranges, read_range
+from lamm_ds.ingest.xyz_chunks import RANGE_FRAMES, frame_ranges, read_range
 from lamm_ds.neighbors import MIN_INTERATOMIC_DISTANCE, TooManyPairsError, neighbor_summary
 from lamm_ds.shards.dataset import LmdbDataset
 from lamm_ds.shards.format import DROPPED, DatasetWriter, GraphSettings
@@ -26,7 +26,6 @@ from lamm_ds.structure import Structure, encode
 
 DEFAULT_MAX_ATOMS = 300
 _CHUNK = 64
-_RANGE_FRAMES = 256  # frames a worker parses per task (extxyz)
 # a generic reason, so that --skip-invalid's per-reason counts group these; the pair is in the detail
 COINCIDENT = f"coincident atoms (closer than {MIN_INTERATOMIC_DISTANCE:g} Å)"
 
@@ -175,7 +174,7 @@ def _tasks(files: list[Path], specs: list[FormatSpec], opts: IngestOptions, coun
     workers parse themselves (lamm_ds.ingest.xyz_chunks), ``("chunk", structures)`` for the rest,
     read here."""
     for f, spec in zip(files, specs):
-        ranges = frame_ranges(f, _RANGE_FRAMES) if opts.workers > 1 and spec.name == "ase" else None
+        ranges = frame_ranges(f, RANGE_FRAMES) if opts.workers > 1 and spec.name == "ase" else None
         if ranges is None:
             for chunk in _chunks(_all_structures([f], opts, counter, notes, [spec]), _CHUNK):
                 yield ("chunk", chunk)

@@ -266,7 +266,7 @@ def xyz_layout_problem(path: Path, strict: bool = True) -> tuple[str | None, lis
                                     else "at least 4 (symbol x y z)")
                         return (f"structure {frame} (line {start}): line {lineno} (atom {seen}) has "
                                 f"{len(tokens)} columns, expected {expected}"), starts
-                    if species is not None and tokens[species] not in atomic_numbers:
+                    if species is not None and tokens[species].capitalize() not in atomic_numbers:  # as ASE reads it
                         return (f"structure {frame} (line {start}): line {lineno} (atom {seen}): unknown "
                                 f"element symbol {tokens[species]!r}"), starts
                 seen += 1
@@ -625,11 +625,6 @@ def missing_labels_error(path: Path, keys: LabelKeys, trust_pickle: bool = False
     what = f"pass {' '.join(hints)}" if hints else "name them with --energy-key/--forces-key/--stress-key"
     return IngestError(f"{message}; keys that look like labels: {listed}; {what}, or --unlabelled if the file "
                        "is meant to be unlabelled")
-
-
-def iter_ase_source(path: Path, ctx, spec) -> Iterator[Structure]:
-    """``--format ase`` (the reader signature of lamm_ds.ingest.formats)."""
-    return iter_ase(path, ctx.keys)
 
 
 def iter_ase_db_source(path: Path, ctx, spec) -> Iterator[Structure]:
