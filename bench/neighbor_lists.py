@@ -3,7 +3,9 @@
 Times ``lamm_ds.neighbors.radius_graph`` with backend "vesin" against backend "matscipy" (the full
 call: library pairs + our float64 distance recompute, sort and ``max_neighbors`` cap), the two
 libraries' raw pair searches alone, and ``ase.neighborlist.neighbor_list("ijS")`` as the reference
-a naive pipeline would use (raw pairs only, no cap, no sort).
+a naive pipeline would use (raw pairs only, no cap, no sort). Also what ingest computes per
+structure, ``neighbor_summary`` (capped edge count + shortest edge), counted densely (the default)
+against counting vesin's pairs (``dense=False``); the two must agree exactly.
 
 Structures: demo-like rattled periodic fcc metal cells and slabs (8-300 atoms, built with
 ``ase.build``), mlearn Si and Mo training cells, 3BPA molecules (27 atoms, non-periodic), at cutoffs
@@ -108,6 +110,9 @@ def make_methods(cutoff: float):
         "vesin_raw": lambda a, arr: neighbors._pairs_vesin(*arr, cutoff),
         "matscipy_raw": lambda a, arr: neighbors._pairs_matscipy(*arr, cutoff),
         "ase": lambda a, arr: neighbor_list("ijS", a, cutoff),
+        # what ingest stores (edge count under the cap, shortest edge): counted densely vs from vesin's pairs
+        "summary_dense": lambda a, arr: neighbors.neighbor_summary(*arr, cutoff, MAX_NEIGHBORS),
+        "summary_vesin": lambda a, arr: neighbors.neighbor_summary(*arr, cutoff, MAX_NEIGHBORS, dense=False),
     }
 
 
@@ -136,7 +141,10 @@ def time_case(structures, cutoff: float, rounds: int, ase_rounds: int, ase_struc
                     for gv, gm in zip(outputs["vesin"], outputs["matscipy"]))
     uncapped = [radius_graph(*arr, cutoff, None, "vesin").num_edges for _, arr in subsets["ase"]]
     same_count = all(len(ijs[0]) == n for ijs, n in zip(outputs["ase"], uncapped))
+    summaries_equal = outputs["summary_dense"] == outputs["summary_vesin"] and all(
+        sm.num_edges == g.num_edges for sm, g in zip(outputs["summary_dense"], outputs["vesin"]))
     checks = {"identical_vesin_matscipy": bool(identical), "pair_count_equals_ase": bool(same_count),
+              "summary_dense_equals_vesin": bool(summaries_equal),
               "mean_edges_capped": round(float(np.mean([g.num_edges for g in outputs["vesin"]])), 1),
               "mean_pairs_uncapped_ase_subset": round(float(np.mean(uncapped)), 1)}
 
@@ -192,6 +200,7 @@ def main(argv=None) -> dict:
                 "matscipy_raw/vesin_raw": round(t["matscipy_raw"] / t["vesin_raw"], 3),
                 "ase/vesin": round(t["ase"] / t["vesin"], 2),
                 "vesin_raw_share": round(t["vesin_raw"] / t["vesin"], 3),
+                "summary_vesin/summary_dense": round(t["summary_vesin"] / t["summary_dense"], 3),
             }
             print(f"{key:28s} vesin {t['vesin']:9.3f} ms  matscipy {t['matscipy']:9.3f} ms  "
                   f"(raw {t['vesin_raw']:8.3f} / {t['matscipy_raw']:8.3f})  ase {t['ase']:9.3f} ms  "
@@ -204,6 +213,8 @@ def main(argv=None) -> dict:
     geo = geomean(full_ratio)
     summary = {
         "geomean_matscipy/vesin": round(geo, 3),
+        "geomean_summary_vesin/summary_dense": round(geomean(r["summary_vesin/summary_dense"] for r in ratios.values()), 3),
+        "all_summaries_equal": all(c["summary_dense_equals_vesin"] for c in checks.values()),
         "geomean_matscipy_raw/vesin_raw": round(geomean(raw_ratio), 3),
         "geomean_ase/vesin": round(geomean(r["ase/vesin"] for r in ratios.values()), 2),
         "cases": len(ratios),

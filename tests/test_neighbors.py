@@ -116,9 +116,10 @@ def test_neighbor_summary_is_the_graphs_count_and_shortest_edge(case):
             pos = np.round(pos * 2) / 2
         for cap in (None, 0, 1, 4, 50):
             g = radius_graph(pos, cell, pbc, cutoff, cap)
-            got = neighbor_summary(pos, cell, pbc, cutoff, cap)
-            assert got.num_edges == g.num_edges
-            assert got.shortest == shortest_distance(pos, cell, g)
+            for dense in (True, False):
+                got = neighbor_summary(pos, cell, pbc, cutoff, cap, dense=dense)
+                assert got.num_edges == g.num_edges
+                assert got.shortest == shortest_distance(pos, cell, g)
 
 
 def _non_strict_reference(pos, cell, pbc, cutoff, k):
@@ -160,3 +161,31 @@ def test_non_strict_cap_keeps_tied_shells_of_a_crystal():
     assert np.bincount(loose.i).tolist() == [12] * 4
     d = np.linalg.norm(pos[loose.j] - pos[loose.i] + loose.shifts @ cell, axis=1)
     np.testing.assert_allclose(d, 3.61 / np.sqrt(2), rtol=1e-12)
+
+
+def test_dense_summary_of_real_crystals_equals_the_libraries_pairs(monkeypatch):
+    """Ingest counts small structures itself (all N x N distances per image); ideal crystals (every
+    shell an exact tie), rattled and strained cells, a slab and a molecule give the library's numbers."""
+    import lamm_ds.neighbors as neighbors
+    from ase.build import bulk, fcc111, molecule
+
+    rng = np.random.default_rng(7)
+    systems = [bulk("Si", "diamond", a=5.43, cubic=True) * (2, 2, 2), bulk("Cu", "fcc", a=3.61) * (3, 3, 3),
+               bulk("Mo", "bcc", a=3.15, cubic=True) * (2, 2, 2), bulk("Si", "diamond", a=5.43),
+               fcc111("Pt", size=(3, 3, 4), vacuum=6.0), molecule("C6H6")]
+    rattled = systems[0].copy()
+    rattled.positions += rng.normal(0, 0.05, rattled.positions.shape) + 7.0  # and shifted out of the cell
+    strained = systems[1].copy()
+    strained.set_cell(strained.cell @ (np.eye(3) + rng.normal(0, 0.05, (3, 3))), scale_atoms=True)
+    systems += [rattled, strained]
+    used = []
+    real_dense = neighbors._dense_summary
+    monkeypatch.setattr(neighbors, "_dense_summary", lambda *a: used.append(1) or real_dense(*a))
+    for atoms in systems:
+        for cutoff, cap in ((6.0, 50), (5.0, None), (3.0, 8)):
+            args = (atoms.positions, atoms.cell[:], atoms.pbc, cutoff, cap)
+            dense, library = neighbor_summary(*args), neighbor_summary(*args, dense=False)
+            g = radius_graph(*args)
+            assert dense == library and dense.num_edges == g.num_edges, (atoms.get_chemical_formula(), cutoff)
+            assert dense.shortest == shortest_distance(atoms.positions, atoms.cell[:], g)
+    assert len(used) == 3 * len(systems)  # every one of these took the dense path
