@@ -13,6 +13,7 @@ Convention used everywhere in lamm-ds: an edge ``(i, j, S)`` points from centre 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -334,8 +335,16 @@ def _image_shifts(positions, cell, pbc, cutoff: float) -> np.ndarray | None:
     spacing = 1.0 / np.linalg.norm(inverse, axis=0)
     frac = positions @ inverse
     reach = np.where(pbc, np.floor(cutoff / spacing + np.ptp(frac, axis=0) + 1e-9), 0).astype(np.int64)
+    return _shift_grid(tuple(int(r) for r in reach))
+
+
+@functools.lru_cache(maxsize=256)
+def _shift_grid(reach: tuple[int, int, int]) -> np.ndarray:
+    """All integer shifts with |S_a| <= reach[a] (read-only: shared between calls)."""
     axes = [np.arange(-r, r + 1) for r in reach]
-    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    grid.flags.writeable = False
+    return grid
 
 
 def _dense_summary(positions, cell, shifts, cutoff: float, max_neighbors: int | None) -> NeighborSummary:
