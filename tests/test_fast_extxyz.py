@@ -66,6 +66,7 @@ FAST_COMMENTS = [
     "",  # no comment at all: species and positions, no cell
     "   energy=-1.0e+01   Properties=species:S:1:pos:R:3   ",
     f"{LATTICE} Properties=species:S:1:pos:R:3:initial_charges:R:1:some_int:I:3 energy=2 dipole=\"0.1 0.2 0.3\"",
+    "Properties=species:S:1:pos:R:3:dipole:R:3:magmoms:R:1 free_energy=-1 energy=-2",  # columns named like results
 ]
 ASE_COMMENTS = [  # outside the fast subset: ASE parses them (and the result must be ASE's)
     "energy = -3.0 Properties=species:S:1:pos:R:3",
@@ -74,6 +75,7 @@ ASE_COMMENTS = [  # outside the fast subset: ASE parses them (and the result mus
     "Properties=species:S:1:pos:R:3:move_mask:L:1 energy=-1",
     "Properties=species:S:1:pos:R:3:label:S:1 energy=-1",
     "Properties=species:S:1:pos:R:3 energy=-1 key=[1,2]",
+    "Properties=species:S:1:pos:R:3:positions:R:3 energy=-1",  # two columns for one ASE name
     'Properties=species:S:1:pos:R:3 empty="" energy=-1',  # ASE reads "energy=-1" as the value of empty
 ]
 
@@ -152,3 +154,24 @@ def test_a_bad_frame_is_named_by_ases_diagnosis(tmp_path):
     (r,) = frame_ranges(f, 10)
     with pytest.raises(IngestError, match="structure 0: the energy is 'abc', not a number"):
         read_range(r, LabelKeys())
+
+
+def test_crlf_files_read_as_ase_reads_them(tmp_path):
+    src = SHARED / "mlearn" / "Si" / "test.xyz"
+    if not src.is_file():
+        pytest.skip(f"{src} not found (the shared DFT sets live in ../shared/data)")
+    f = tmp_path / "crlf.xyz"
+    f.write_bytes(src.read_bytes().replace(b"\n", b"\r\n"))
+    keys = LabelKeys()
+    got = [s for r in frame_ranges(f, 16) for s in read_range(r, keys)]
+    want = [atoms_to_structure(a, str(f), k, keys) for k, a in enumerate(ase.io.read(f, ":"))]
+    assert len(got) == len(want) > 0
+    assert [encode(s) for s in got] == [encode(s) for s in want]
+
+
+def test_a_per_atom_energy_column_is_refused_as_through_ase():
+    comment = "Properties=species:S:1:pos:R:3:energy:R:1"
+    lines = [f"{a} 0.5" for a in ATOMS3]
+    for record in (_fast_record, _ase_record):
+        with pytest.raises(IngestError, match=r"the energy has shape \(3,\), expected a single number"):
+            record(comment, lines, LabelKeys())

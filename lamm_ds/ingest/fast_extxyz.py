@@ -24,7 +24,9 @@ import re
 from typing import Any
 
 import numpy as np
+from ase.calculators.calculator import all_properties
 from ase.data import atomic_numbers
+from ase.io.extxyz import per_config_properties
 
 # A comment-line token: KEY, KEY=BARE or KEY="QUOTED", followed by whitespace or the end. Characters that
 # open ASE's delimiters or escapes are not allowed outside a quoted value (such lines go to ASE), nor is an
@@ -36,10 +38,10 @@ _BOOLEANS = {"T": True, "F": False, "true": True, "false": False, "True": True, 
              "TRUE": True, "FALSE": False}
 _MATRIX_KEYS = ("Lattice", "virial", "stress")  # 9 numbers -> 3x3 in Fortran (column) order
 _RAW_KEYS = ("uid",)  # kept as text (compared lower-cased)
-# What ASE's reader moves into a SinglePointCalculator: per-structure keys of the comment line and
-# per-atom columns (ase.outputs / ase.calculators.calculator.all_properties)
-_CALC_INFO = ("energy", "free_energy", "stress", "dipole", "magmom", "polarization", "dielectric_tensor")
-_CALC_ARRAYS = ("energies", "forces", "stresses", "charges", "magmoms", "born_effective_charges")
+# What ASE's reader moves into a SinglePointCalculator: columns named like any calculator property,
+# then the per-structure properties among the comment-line keys (ASE's own lists, so they stay in step)
+_CALC_COLUMNS = frozenset(all_properties)
+_CALC_INFO = frozenset(per_config_properties)
 _CALC_SCALARS = ("energy", "magmom", "free_energy")  # kept as given; every other result becomes float
 _ASE_NAMES = {"pos": "positions", "Z": "numbers", "charge": "charges", "species": "symbols"}
 _DEFAULT_PROPERTIES = "species:S:1:pos:R:3"
@@ -129,15 +131,16 @@ def _columns(properties: Any) -> tuple[list[tuple[str, str, int, int]], int]:
         raise _Unsupported(properties)
     columns, seen, ncol = [], set(), 0
     for name, kind, count in zip(fields[0::3], fields[1::3], fields[2::3]):
-        if not count.isdigit() or int(count) < 1 or name in seen or name == "move_mask":
+        ase_name = _ASE_NAMES.get(name, name)
+        if not count.isdigit() or int(count) < 1 or ase_name in seen or name == "move_mask":
             raise _Unsupported(properties)
-        ase_name, count = _ASE_NAMES.get(name, name), int(count)
+        count = int(count)
         if kind == "S" and not (ase_name == "symbols" and count == 1):
             raise _Unsupported(properties)  # string columns other than the species
         if kind not in "RIS" or (ase_name in ("numbers", "symbols", "positions")
                                  and (count, kind) not in ((1, "I"), (1, "S"), (3, "R"))):
             raise _Unsupported(properties)
-        seen.add(name)
+        seen.add(ase_name)
         columns.append((ase_name, kind, ncol, count))
         ncol += count
     names = [c[0] for c in columns]
@@ -180,7 +183,7 @@ def _frame(comment: str, atom_lines: list[str]) -> ParsedFrame:
         value = _column(rows, kind, first, count)
         if name == "numbers":
             numbers = value.astype(int)
-        elif name in _CALC_ARRAYS:
+        elif name in _CALC_COLUMNS:
             results[name] = np.array(value, float)
         else:
             arrays[name] = value
