@@ -11,6 +11,8 @@ schedule:
 * ``replay_share_0.05``: 5% of the draws;
 * ``replay_w0.5``: 10% of the draws, their loss weighted 0.5 (``finetune.replay_weight``);
 * ``replay_share_0.2_w0.25``: 20% of the draws weighted 0.25;
+* ``replay_added_0.1`` / ``replay_added_0.2``: 10% / 20% of the draws with the batch grown to 9 / 10, so
+  a step still sees 8 acac structures on average: replay on top of the target, at 12-25% more compute;
 * ``lr_decay``, ``lr_decay_0.9``: ``finetune.layer_lr_decay=0.7`` / ``0.9``;
 * ``ema``, ``ema_0.95``: ``optim.ema_decay=0.99`` / ``0.95`` (the exported and evaluated model is the EMA copy).
 
@@ -50,6 +52,8 @@ def arms(data: dict[str, Path]) -> dict[str, list[str]]:
         "replay_w0.5": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.1", "finetune.replay_weight=0.5"],
         "replay_share_0.2_w0.25": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.2",
                                    "finetune.replay_weight=0.25"],
+        "replay_added_0.1": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.1", "data.batch_size=9"],
+        "replay_added_0.2": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.2", "data.batch_size=10"],
         "lr_decay": ["finetune.layer_lr_decay=0.7"],
         "lr_decay_0.9": ["finetune.layer_lr_decay=0.9"],
         "ema": ["optim.ema_decay=0.99"],
