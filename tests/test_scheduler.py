@@ -391,6 +391,7 @@ def test_calibrate_and_plan_report_cli(demo_data, tmp_path, monkeypatch):
     meta = saved["meta"]
     assert len(meta["micro_batches"]) == 8 and meta["fit"]["max_rel_error"] < 1e-6
     assert meta["edge_basis"][0]["cutoff"] == 6.0 and meta["hardware"]["device"] == "cpu"
+    assert meta["hardware"]["cpu"] and meta["hardware"]["cpus"] >= 1  # the machine the fit holds for
     png = tmp_path / "plan.png"
     assert cli(["plan-report", "--ranks", "3", "--steps", "12", "--out", str(png), "--run-dir", str(tmp_path),
                 "--json", "data.batch_size=6", "schedule.window_steps=4", *data]) == 0

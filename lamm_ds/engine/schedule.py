@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -85,8 +86,21 @@ def build_scheduler(cfg: RunConfig, datasets, stream: MixtureStream, ranks: int,
 # calibrate
 
 
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (a cost model holds for the machine it was fitted on)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _hardware(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    info = {"platform": platform.platform(), "cpu": _cpu_model(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
