@@ -7,8 +7,8 @@ schedule:
 * ``plain``: the defaults (new head copied from the closest pre-trained head, backbone at optim.lr);
 * ``replay``: ``--replay 3bpa:100`` (random), 20% of the draws, into the 3bpa head;
 * ``replay_fps``: the same, the 100 chosen by farthest-point sampling in the pre-trained features;
-* ``replay_share_0.1``: random replay with 10% of the draws (the default share);
-* ``replay_share_0.05``: 5% of the draws;
+* ``replay_share_0.1``: random replay with 10% of the draws;
+* ``replay_share_0.05``: 5% of the draws (the default share);
 * ``replay_w0.5``: 10% of the draws, their loss weighted 0.5 (``finetune.replay_weight``);
 * ``replay_share_0.2_w0.25``: 20% of the draws weighted 0.25;
 * ``replay_added_0.1`` / ``replay_added_0.2``: 10% / 20% of the draws with the batch grown to 9 / 10, so

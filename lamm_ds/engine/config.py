@@ -106,7 +106,7 @@ class FinetuneConfig:
                                         # "conservative" (F = -dE/dx, drops a direct head) or "direct"
     replay: list[str] = field(default_factory=list)  # "DATASET_DIR[:N]": pre-training data mixed in, into the
                                                      # pre-trained head of the dataset's name (N: a subset)
-    replay_share: float = 0.1           # fraction of the draws the replay sets get together (measured: docs/results.md)
+    replay_share: float = 0.05          # fraction of the draws the replay sets get together (measured: docs/results.md)
     replay_selection: str = "random"    # how the N replayed structures are chosen: "random" or "fps"
     replay_weight: float = 1.0          # loss weight of the replayed samples (their datasets' loss_weight)
 
