@@ -141,3 +141,38 @@ def cuda_peak_bytes(fn, device, *args, **kwargs) -> int:
     fn(*args, **kwargs)
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+# ------------------------------------------------------------------------------------ fairchem-core 1.x
+def fairchem_core_modules(marker: str, subpackages: tuple[str, ...]) -> bool:
+    """Make fairchem-core 1.x's ``fairchem.core.<sub>`` modules importable for a baseline: its package
+    ``__init__`` (which pulls in the whole trainer stack) is bypassed by empty package modules, and a
+    missing compiled ``torch_scatter`` is stood in for by torch_geometric's native scatter. False when
+    fairchem-core (with ``fairchem/core/<marker>``) or any scatter is not importable."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("fairchem")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    root = os.path.join(list(spec.submodule_search_locations)[0], "core")
+    if not os.path.isfile(os.path.join(root, marker)):
+        return False
+    try:
+        import torch_scatter  # noqa: F401
+    except ImportError:
+        try:
+            from torch_geometric.utils import scatter as pyg_scatter
+        except ImportError:
+            return False
+        shim = types.ModuleType("torch_scatter")
+        shim.scatter = lambda src, index, dim=0, out=None, dim_size=None, reduce="sum": pyg_scatter(
+            src, index, dim=dim, dim_size=dim_size, reduce=reduce)
+        sys.modules["torch_scatter"] = shim
+    for sub in ("", *subpackages):
+        name = "fairchem.core" + (f".{sub}" if sub else "")
+        if name not in sys.modules:
+            mod = types.ModuleType(name)
+            mod.__path__ = [os.path.join(root, sub)]
+            sys.modules[name] = mod
+    return True

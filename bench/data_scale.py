@@ -47,12 +47,11 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 
-from _common import DATA, REPO, RESULTS, load_1min, machine, rotated, skip, write_result
+from _common import DATA, REPO, RESULTS, fairchem_core_modules, load_1min, machine, rotated, skip, write_result
 
 sys.path.insert(0, str(REPO))
 
@@ -152,37 +151,14 @@ def write_sources(work: Path, sets: dict, n_mol: int, n_si: int) -> dict[str, tu
 
 # ------------------------------------------------------------------------------------------ fairchem
 def load_atoms_to_graphs(extra_path: str | None):
-    """fairchem-core 1.x's AtomsToGraphs, its package __init__ bypassed and torch_scatter shimmed
-    (as bench/eqv2_throughput.py does); None when not importable."""
+    """fairchem-core 1.x's AtomsToGraphs (its package __init__ bypassed, torch_scatter stood in for:
+    ``_common.fairchem_core_modules``); None when not importable."""
     if extra_path:
         for p in extra_path.split(os.pathsep):
             if p not in sys.path:
                 sys.path.append(p)  # after our site-packages: never shadows numpy/torch
-    import importlib.util
-
-    spec = importlib.util.find_spec("fairchem")
-    if spec is None or not spec.submodule_search_locations:
+    if not fairchem_core_modules(os.path.join("preprocessing", "atoms_to_graphs.py"), ("common", "preprocessing")):
         return None
-    root = os.path.join(list(spec.submodule_search_locations)[0], "core")
-    if not os.path.isfile(os.path.join(root, "preprocessing", "atoms_to_graphs.py")):
-        return None
-    try:
-        import torch_scatter  # noqa: F401
-    except ImportError:
-        try:
-            from torch_geometric.utils import scatter as pyg_scatter
-        except ImportError:
-            return None
-        shim = types.ModuleType("torch_scatter")
-        shim.scatter = lambda src, index, dim=0, out=None, dim_size=None, reduce="sum": pyg_scatter(
-            src, index, dim=dim, dim_size=dim_size, reduce=reduce)
-        sys.modules["torch_scatter"] = shim
-    for name, sub in (("fairchem.core", ""), ("fairchem.core.common", "common"),
-                      ("fairchem.core.preprocessing", "preprocessing")):
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__path__ = [os.path.join(root, sub)]
-            sys.modules[name] = mod
     try:
         from fairchem.core.preprocessing.atoms_to_graphs import AtomsToGraphs
         import pymatgen.io.ase  # noqa: F401  (r_edges needs it)

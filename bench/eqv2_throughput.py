@@ -41,7 +41,6 @@ fairchem peak (target <= 1.0).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -50,7 +49,8 @@ import types
 import numpy as np
 import torch
 
-from _common import REPO, RESULTS, cuda_peak_bytes, machine, peak_bytes, rotated, skip, timed, write_result
+from _common import (REPO, RESULTS, cuda_peak_bytes, fairchem_core_modules, machine, peak_bytes, rotated, skip, timed,
+                     write_result)
 
 sys.path.insert(0, str(REPO))
 TARGET_END_TO_END = 1.5
@@ -58,26 +58,8 @@ ACAC = REPO / ".." / "shared" / "data" / "acac" / "train_300K.xyz"
 
 
 def import_fairchem():
-    spec = importlib.util.find_spec("fairchem")
-    if spec is None or not spec.submodule_search_locations:
+    if not fairchem_core_modules(os.path.join("models", "equiformer_v2", "equiformer_v2.py"), ("models", "common")):
         return None
-    root = os.path.join(list(spec.submodule_search_locations)[0], "core")
-    if not os.path.isfile(os.path.join(root, "models", "equiformer_v2", "equiformer_v2.py")):
-        return None
-    try:
-        import torch_scatter  # noqa: F401
-    except ImportError:
-        from torch_geometric.utils import scatter as pyg_scatter
-
-        shim = types.ModuleType("torch_scatter")
-        shim.scatter = lambda src, index, dim=0, out=None, dim_size=None, reduce="sum": pyg_scatter(
-            src, index, dim=dim, dim_size=dim_size, reduce=reduce)
-        sys.modules["torch_scatter"] = shim
-    for name, sub in (("fairchem.core", ""), ("fairchem.core.models", "models"), ("fairchem.core.common", "common")):
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__path__ = [os.path.join(root, sub)]
-            sys.modules[name] = mod
     from fairchem.core.models.base import GraphData
     from fairchem.core.models.equiformer_v2.equiformer_v2 import EquiformerV2Backbone
     from fairchem.core.models.equiformer_v2.heads import EqV2ScalarHead, EqV2VectorHead
