@@ -28,6 +28,11 @@ Finished runs (same command, summary present) are reused, so an interrupted driv
 
     .venv/bin/python bench/balance_tta.py --quick        # smoke test (tiny: 4 virtual ranks, 4 steps, 1 seed)
     .venv/bin/python bench/balance_tta.py                # 5 strategies x 3 seeds x 320 steps (see docs)
+    .venv/bin/python bench/balance_tta.py --reanalyse bench/results/balance_tta.json   # new replay, no training
+
+``--reanalyse`` recomputes a finished result's time-to-accuracy from its stored mean curves with the
+step times of the current replay result (e.g. one that timed strategies the first one did not);
+``<s>_vs_fixed_throughput`` is the replay's step-time ratio that figure rests on.
 
 The last stdout line is one JSON object, ratios first, also written to bench/results/balance_tta.json.
 """
@@ -223,6 +228,55 @@ def replay_step_times(path: Path, key: str) -> tuple[dict, str | None]:
     return {s: v["step_s_mean"] for s, v in sec["configs"][key]["strategies"].items()}, None
 
 
+def time_to_accuracy(mean_curve: dict, samples: np.ndarray, batch: int, step_s: dict) -> dict:
+    """The ratios and per-strategy reach against ``fixed``'s final errors (see the module docstring)."""
+    result: dict = {}
+    if "fixed" not in mean_curve or not len(samples):
+        return result
+    target = mean_curve["fixed"]["force_mae"][-1]
+    e_target = mean_curve["fixed"]["energy_mae_per_atom"][-1]
+    fixed_wall = (samples[-1] / batch) * step_s["fixed"] if "fixed" in step_s else None
+    reach = {}
+    for s, c in mean_curve.items():
+        n = samples_to_reach(samples, np.array(c["force_mae"]), target)
+        ne = samples_to_reach(samples, np.array(c["energy_mae_per_atom"]), e_target)
+        wall = None if n is None or s not in step_s else n / batch * step_s[s]
+        reach[s] = {"samples_to_target": n, "samples_to_energy_target": ne, "wall_to_target_s": wall,
+                    "step_s_replay": step_s.get(s)}
+        if s != "fixed":
+            result[f"{s}_vs_fixed_time_to_accuracy"] = round(fixed_wall / wall, 3) if wall and fixed_wall else None
+            result[f"{s}_vs_fixed_throughput"] = (round(step_s["fixed"] / step_s[s], 3)
+                                                   if "fixed" in step_s and s in step_s else None)
+    for s, c in mean_curve.items():
+        if s != "fixed":
+            result[f"{s}_vs_fixed_final_force_mae_ratio"] = round(c["force_mae"][-1] / target, 4)
+            result[f"{s}_vs_fixed_final_energy_mae_ratio"] = round(c["energy_mae_per_atom"][-1] / e_target, 4)
+            n = reach[s]["samples_to_target"]
+            result[f"{s}_vs_fixed_samples_to_target_ratio"] = None if n is None else round(n / samples[-1], 4)
+    result.update({"target_force_mae": target, "target_energy_mae_per_atom": e_target,
+                   "fixed_wall_s_at_replay_step_time": fixed_wall, "reach": reach})
+    return result
+
+
+def reanalyse(result_path: Path, replay: Path, out: Path) -> dict:
+    """A finished result's curves against the replay's current step times (no training): for a replay
+    measured after the runs, e.g. with strategies the first replay did not time."""
+    old = json.loads(result_path.read_text())
+    setup = old["setup"]
+    batch = setup["plan_ranks"] * setup["per_rank"]
+    key = f"r{setup['plan_ranks']}_m{setup['per_rank']}"
+    step_s, note = replay_step_times(replay, key)
+    res = time_to_accuracy(old["curves"], np.array(old["samples"], dtype=np.float64), batch, step_s)
+    kept = {k: v for k, v in old.items() if k not in res and not k.endswith(("_ratio", "_accuracy", "_throughput"))}
+    result = {**{k: v for k, v in res.items() if k.endswith(("_ratio", "_accuracy", "_throughput"))},
+              **{k: v for k, v in res.items() if not k.endswith(("_ratio", "_accuracy", "_throughput"))},
+              **kept, "replay_note": note, "replay_key": key, "replay_step_s": step_s,
+              "reanalysed": {"from": str(result_path), "replay": str(replay), "replay_machine":
+                             (json.loads(replay.read_text()).get("machine") if replay.is_file() else None)}}
+    write_result(result, out)
+    return result
+
+
 def analyse(args, runs: list[Run], replay: Path) -> dict:
     batch = args.plan_ranks * args.per_rank
     curves = {}
@@ -241,29 +295,7 @@ def analyse(args, runs: list[Run], replay: Path) -> dict:
         per_seed_final[s] = {"force_mae": f[:, -1].tolist(), "energy_mae_per_atom": e[:, -1].tolist()}
     key = f"r{args.plan_ranks}_m{args.per_rank}"
     step_s, note = replay_step_times(replay, key)
-    result: dict = {}
-    if "fixed" in mean_curve and steps:
-        target = mean_curve["fixed"]["force_mae"][-1]
-        e_target = mean_curve["fixed"]["energy_mae_per_atom"][-1]
-        fixed_wall = (samples[-1] / batch) * step_s["fixed"] if "fixed" in step_s else None
-        reach = {}
-        for s, c in mean_curve.items():
-            n = samples_to_reach(samples, np.array(c["force_mae"]), target)
-            ne = samples_to_reach(samples, np.array(c["energy_mae_per_atom"]), e_target)
-            wall = None if n is None or s not in step_s else n / batch * step_s[s]
-            reach[s] = {"samples_to_target": n, "samples_to_energy_target": ne, "wall_to_target_s": wall,
-                        "step_s_replay": step_s.get(s)}
-            if s != "fixed":
-                result[f"{s}_vs_fixed_time_to_accuracy"] = (round(fixed_wall / wall, 3)
-                                                            if wall and fixed_wall else None)
-        for s, c in mean_curve.items():
-            if s != "fixed":
-                result[f"{s}_vs_fixed_final_force_mae_ratio"] = round(c["force_mae"][-1] / target, 4)
-                result[f"{s}_vs_fixed_final_energy_mae_ratio"] = round(c["energy_mae_per_atom"][-1] / e_target, 4)
-                n = reach[s]["samples_to_target"]
-                result[f"{s}_vs_fixed_samples_to_target_ratio"] = None if n is None else round(n / samples[-1], 4)
-        result.update({"target_force_mae": target, "target_energy_mae_per_atom": e_target,
-                       "fixed_wall_s_at_replay_step_time": fixed_wall, "reach": reach})
+    result = time_to_accuracy(mean_curve, samples, batch, step_s)
     result.update({"replay_note": note, "replay_key": key, "replay_step_s": step_s,
                    "eval_steps": steps, "samples": samples.tolist(), "curves": mean_curve,
                    "final_per_seed": per_seed_final})
@@ -291,8 +323,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="result JSON (default bench/results/balance_tta.json)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 4 virtual ranks x 2, 4 steps, windows of 2, 1 seed, 5 held-out structures per set")
+    ap.add_argument("--reanalyse", metavar="RESULT_JSON",
+                    help="no training: recompute a finished result's time-to-accuracy with the replay's current step times")
     ap.add_argument("overrides", nargs="*", help="run-config overrides for every run")
     args = ap.parse_args(argv)
+    if args.reanalyse:
+        replay = Path(args.replay) if args.replay else RESULTS / "balance_replay.json"
+        reanalyse(Path(args.reanalyse), replay, Path(args.out) if args.out else RESULTS / "balance_tta.json")
+        return 0
     if args.quick:
         args.plan_ranks, args.per_rank, args.steps, args.window_steps, args.eval_every = 4, 2, 4, 2, 2
         args.seeds, args.eval_max_structures = args.seeds[:1], 5
@@ -324,8 +362,8 @@ def main(argv=None) -> int:
     execute(runs, args.parallel, args.threads)
     res = analyse(args, runs, replay)
     failed = {r.name: r.state for r in runs if r.state.get("state") != "done"}
-    result = {**{k: v for k, v in res.items() if k.endswith(("_ratio", "_accuracy"))},
-              **{k: v for k, v in res.items() if not k.endswith(("_ratio", "_accuracy"))},
+    result = {**{k: v for k, v in res.items() if k.endswith(("_ratio", "_accuracy", "_throughput"))},
+              **{k: v for k, v in res.items() if not k.endswith(("_ratio", "_accuracy", "_throughput"))},
               "runs": {r.name: {"strategy": r.strategy, "seed": r.seed, "run_dir": str(r.run_dir),
                                 "wall_s": r.state.get("wall_s"), "reused": r.state.get("reused"),
                                 "state": r.state.get("state")} for r in runs},

@@ -2,6 +2,7 @@
 bench/_mixture.py): the supercell labels of the heavy-tailed mixture are exact, the all-reduce
 model, curve interpolation, fit statistics, dataset subsets and model overrides."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -100,3 +101,28 @@ def test_eqv2_preset_overrides_build_the_preset():
         _models.model_overrides("painn-xl")
     with pytest.raises(ValueError, match="unknown mixture"):
         _mixture.resolve_name("oc20")
+
+
+def test_time_to_accuracy_from_stored_curves_and_new_step_times(tmp_path):
+    """--reanalyse: a finished result's curves with another replay's step times, no training."""
+    samples = np.array([0.0, 100.0, 200.0, 300.0])
+    curves = {"fixed": {"force_mae": [1.0, 0.8, 0.6, 0.5], "energy_mae_per_atom": [1.0, 0.9, 0.8, 0.7]},
+              "balanced": {"force_mae": [1.0, 0.7, 0.5, 0.4], "energy_mae_per_atom": [1.0, 1.0, 0.9, 0.8]},
+              "balanced_cp": {"force_mae": [1.0, 0.8, 0.6, 0.51], "energy_mae_per_atom": [1.0, 0.9, 0.8, 0.7]}}
+    steps = {"fixed": 0.3, "balanced": 0.1, "balanced_cp": 0.25}
+    res = balance_tta.time_to_accuracy(curves, samples, 10, steps)
+    # fixed: 30 steps x 0.3 s = 9 s; balanced reaches 0.5 at 200 samples = 20 steps x 0.1 s = 2 s
+    assert res["balanced_vs_fixed_time_to_accuracy"] == pytest.approx(4.5)
+    assert res["balanced_vs_fixed_throughput"] == pytest.approx(3.0)
+    assert res["balanced_vs_fixed_samples_to_target_ratio"] == pytest.approx(200 / 300, abs=1e-4)
+    assert res["balanced_cp_vs_fixed_time_to_accuracy"] is None  # never reaches 0.5
+    assert res["balanced_cp_vs_fixed_final_force_mae_ratio"] == pytest.approx(1.02)
+    old = {"setup": {"plan_ranks": 5, "per_rank": 2}, "curves": curves, "samples": samples.tolist(),
+           "balanced_vs_fixed_time_to_accuracy": 99.0, "runs": {"kept": 1}}
+    replay = {"models": {"painn": {"configs": {"r5_m2": {"strategies": {
+        s: {"step_s_mean": t} for s, t in steps.items()}}}}}, "machine": {"cpu": "x"}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "replay.json").write_text(json.dumps(replay))
+    new = balance_tta.reanalyse(tmp_path / "old.json", tmp_path / "replay.json", tmp_path / "new.json")
+    assert new["balanced_vs_fixed_time_to_accuracy"] == pytest.approx(4.5) and new["runs"] == {"kept": 1}
+    assert json.loads((tmp_path / "new.json").read_text())["reanalysed"]["replay_machine"] == {"cpu": "x"}
