@@ -24,22 +24,11 @@ DATA = Path(os.environ.get("LAMM_DS_SHARED_DATA", REPO.parent / "shared" / "data
 # Launcher variables of an enclosing job that the benchmark's own torchrun children must not inherit.
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from lamm_ds.engine.hardware import cpu_model  # noqa: E402,F401  (one reader for calibrate and benchmarks)
 from lamm_ds.engine.launcher_env import LAUNCHER_ENV  # noqa: E402,F401  (one list for the driver and benchmarks)
 
 
 # ------------------------------------------------------------------------------------ the machine
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows of it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine(threads: int | None = None) -> dict:
     """What a result was measured on: CPU model and cores, Python, torch and its threads, GPUs.
 

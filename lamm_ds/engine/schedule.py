@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from lamm_ds.engine.config import RunConfig
+from lamm_ds.engine.hardware import cpu_model
 from lamm_ds.mixture import MixtureStream
 from lamm_ds.scheduler import Caps, CostModel, StepScheduler, builtin_cost_model, fit_cost_model
 from lamm_ds.scheduler.defaults import DEFAULT_FOR_MODEL
@@ -86,20 +87,8 @@ def build_scheduler(cfg: RunConfig, datasets, stream: MixtureStream, ranks: int,
 # calibrate
 
 
-def _cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (a cost model holds for the machine it was fitted on)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _hardware(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "cpu": _cpu_model(), "cpus": os.cpu_count(),
+    info = {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":
