@@ -97,6 +97,25 @@ def test_update_is_the_standard_average_of_the_trainable_weights():
     assert ema.update(engine) and ema.updates == 5
 
 
+def test_a_weight_that_does_not_move_keeps_its_exact_bits():
+    """A trainable weight no gradient reaches (a head of a set not in the fine-tuning mix) must come out
+    of the average bit for bit: decay * w + (1 - decay) * w rounds (0.9 * w + 0.1 * w != w in fp32)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = _Engine(model, torch.optim.AdamW(model[1].parameters(), lr=0.1))
+    ema = WeightEMA.from_engine(engine, 0.9)
+    w = start["0.weight"]
+    assert not torch.equal(0.9 * w + (1 - 0.9) * w, w)  # the rounding the lerp form avoids
+    for _ in range(20):
+        engine.optimizer.zero_grad()
+        model[1](torch.randn(5, 4)).pow(2).sum().backward()  # only the second layer gets gradients
+        engine.optimizer.step()
+        assert ema.update(engine)
+    assert torch.equal(ema.shadow["0.weight"], start["0.weight"]) and torch.equal(ema.shadow["0.bias"], start["0.bias"])
+    assert not torch.equal(ema.shadow["1.weight"], start["1.weight"])
+
+
 def test_mixed_precision_at_zero0_averages_the_fp32_masters():
     """bf16/fp16 at ZeRO 0: DeepSpeed keeps fp32 masters beside the 16-bit module weights."""
     model = torch.nn.Linear(3, 2).to(torch.bfloat16)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,3 +84,37 @@ def test_31m_preset_trains_a_few_steps_on_the_demo_mixture(demo_data, tmp_path):
     model = lamm_ds.load_model(tmp_path / "31m" / "model.safetensors")
     extra_heads = sum(count_parameters(model.heads[n]) for n in model.dataset_names[1:])
     assert count_parameters(model) - extra_heads == FAIRCHEM_PARAMS["31M"]   # one energy head: 31,058,690
+
+
+def test_finetuning_equiformer_v2_with_every_recipe(demo_data, tmp_path):
+    """The fine-tuning recipes on the EquiformerV2 backbone, end to end: replay of a pre-training set
+    (weighted) into its own head, layer-wise LR decay, the first block frozen, EMA exported."""
+    import lamm_ds
+    from lamm_ds.model.layers import parameter_depth
+
+    pre = tmp_path / "pre"
+    _run(pre, demo_data, *TINY_EQV2, *COMMON)
+    run = tmp_path / "ft"
+    cmd = [sys.executable, str(REPO / "launch" / "finetune.py"), "--run-dir", str(run), "--quiet", "--max-steps", "4",
+           "--init", str(pre / "model.safetensors"), "--replay", f"{demo_data['demo_metals']}:10",
+           f"data.demo_dir={demo_data['demo_metals'].parent}", *COMMON, "denoise_unlabelled=false", "eval_datasets=[]",
+           "optim.weight_decay=0", f"data.datasets=[{{name: demo_downstream, path: {demo_data['demo_downstream']}}}]",
+           "finetune.replay_share=0.5", "finetune.replay_weight=0.5", "finetune.layer_lr_decay=0.8",
+           "finetune.freeze_layers=1", "optim.ema_decay=0.9"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    before = lamm_ds.load_model(pre / "model.safetensors")
+    after = lamm_ds.load_model(run / "model.safetensors")
+    assert after.dataset_names == [*before.dataset_names, "demo_downstream"]
+    b, a = before.state_dict(), after.state_dict()
+    changed = {k for k in b if not torch.equal(b[k], a[k])}
+    depth = {k: parameter_depth(after, k) for k, _ in after.named_parameters()}
+    assert any(k.startswith("heads.demo_metals.") for k in changed)  # replayed: trained in its own head
+    assert not any(k.startswith("heads.demo_energy.") for k in changed)  # not replayed
+    # the first block stayed frozen: only the rows of elements new to the backbone (set from their
+    # periodic-table neighbours before training) differ in its per-element tables
+    new = sorted(set(after.trained_elements["demo_downstream"]) - set().union(*map(set, before.trained_elements.values())))
+    assert new  # the demo's downstream set has elements the pre-training never saw
+    for k in (k for k in changed if depth.get(k) == 1):
+        assert (a[k] != b[k]).any(1).nonzero().flatten().tolist() == new, k
+    assert any(depth.get(k) == 2 for k in changed) and any(depth.get(k) == 0 for k in changed)

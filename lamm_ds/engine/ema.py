@@ -1,7 +1,7 @@
 """Exponential moving average of the trainable weights (``optim.ema_decay``).
 
-``ema = decay * ema + (1 - decay) * w`` after every optimiser step that changed the weights,
-starting from the weights at step 0 (no warm-up correction). The average is kept in fp32 on every
+``ema = decay * ema + (1 - decay) * w`` (computed as ``ema + (1 - decay) * (w - ema)``) after every
+optimiser step that changed the weights, starting from the weights at step 0 (no warm-up correction). The average is kept in fp32 on every
 rank (all ranks hold the same weights under ZeRO 0-2, so no communication is needed), written by
 rank 0 into each checkpoint as ``ema.safetensors`` and loaded back on resume; at the end it is the
 exported ``model.safetensors`` and it is what evaluation during training measures.
@@ -77,8 +77,10 @@ class WeightEMA:
         weights = current_weights(engine)
         shadow = list(self.shadow.values())
         if shadow:
-            torch._foreach_mul_(shadow, self.decay)
-            torch._foreach_add_(shadow, [weights[n] for n in self.shadow], alpha=1.0 - self.decay)
+            # ema + (1 - decay) * (w - ema): the same average, and a weight that did not move (frozen, or a
+            # head no sample reached) keeps its exact bits, which decay * ema + (1 - decay) * w rounds away
+            ends = [weights[n].to(s.dtype) for n, s in self.shadow.items()]  # lerp wants one dtype (fp32 both)
+            torch._foreach_lerp_(shadow, ends, 1.0 - self.decay)
         self.updates += 1
         return True
 
