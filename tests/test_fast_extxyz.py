@@ -64,6 +64,7 @@ FAST_COMMENTS = [
     'names="_JSON [1, 2.5]" inf=inf',
     f"{LATTICE} Properties=Z:I:1:pos:R:3:REF_forces:R:3:tags:I:1:charge:R:1:magmoms:R:1 REF_energy=-7.0 pbc=T",
     "",  # no comment at all: species and positions, no cell
+    "Energy: -123.4 eV (PBE) converged",  # a plain-xyz free-text comment: ASE makes bare keys of it
     "   energy=-1.0e+01   Properties=species:S:1:pos:R:3   ",
     f"{LATTICE} Properties=species:S:1:pos:R:3:initial_charges:R:1:some_int:I:3 energy=2 dipole=\"0.1 0.2 0.3\"",
     "Properties=species:S:1:pos:R:3:dipole:R:3:magmoms:R:1 free_energy=-1 energy=-2",  # columns named like results
