@@ -146,36 +146,56 @@ def _pairs_brute(positions, cell, pbc, cutoff, box=None):
 _PAIRS = {"vesin": _pairs_vesin, "matscipy": _pairs_matscipy, "brute": _pairs_brute}
 
 
+def _inputs(positions, cell, pbc, backend: str):
+    """positions (N, 3), cell (3, 3) as float64 and pbc (3,) as bool; an unknown backend is refused."""
+    if backend not in _PAIRS:
+        raise ValueError(f"unknown neighbour-list backend {backend!r}; choose one of {BACKENDS}")
+    return (np.ascontiguousarray(positions, dtype=np.float64), np.asarray(cell, dtype=np.float64).reshape(3, 3),
+            np.asarray(pbc, dtype=bool).reshape(3))
+
+
+def _guarded_box(positions, cell, pbc, cutoff: float) -> np.ndarray | None:
+    """The library's box (None without periodic axes), after refusing a cell that would give more than
+    MAX_PAIRS pairs: built once, since the guard and the backend both need it."""
+    if not pbc.any():
+        return None
+    box = _box_for_library(cell, pbc, positions, cutoff)
+    _check_pair_count(positions, box, pbc, cutoff)
+    return box
+
+
 def _candidate_pairs(positions, cell, pbc, cutoff: float, backend: str):
     """Inputs normalised, pairs from the backend with the exact cutoff applied: (positions, cell,
     i, j, shifts, distances), or None for an empty structure."""
-    if backend not in _PAIRS:
-        raise ValueError(f"unknown neighbour-list backend {backend!r}; choose one of {BACKENDS}")
-    positions = np.ascontiguousarray(positions, dtype=np.float64)
-    cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
-    pbc = np.asarray(pbc, dtype=bool).reshape(3)
+    positions, cell, pbc = _inputs(positions, cell, pbc, backend)
     if len(positions) == 0:
         return None
-    box = None
-    if pbc.any():  # built once here: the pair-count guard and the backend both need it
-        box = _box_for_library(cell, pbc, positions, float(cutoff))
-        _check_pair_count(positions, box, pbc, float(cutoff))
-    i, j, s = _PAIRS[backend](positions, cell, pbc, float(cutoff), box)
+    return _pairs_within(positions, cell, pbc, float(cutoff), backend, _guarded_box(positions, cell, pbc, float(cutoff)))
+
+
+def _pairs_within(positions, cell, pbc, cutoff: float, backend: str, box):
+    """The backend's pairs of normalised inputs, with the exact cutoff applied (see _candidate_pairs)."""
+    i, j, s = _PAIRS[backend](positions, cell, pbc, cutoff, box)
     i = np.asarray(i, dtype=np.int64)
     j = np.asarray(j, dtype=np.int64)
     s = np.asarray(s, dtype=np.int64).reshape(-1, 3)
-    # Same operation order as AtomsBatch.edge_vectors: (x_j - x_i) + S @ cell, so images that are
-    # mathematically equidistant get bit-identical distances and the (j, shift) tie-break applies.
-    # Without periodic axes every shift is zero and adding it changes no bit. sqrt(sum of squares)
-    # is what np.linalg.norm(axis=1) computes, without its overhead.
-    vec = positions[j] - positions[i]
-    if pbc.any():
-        vec += s @ cell
-    dist = np.sqrt((vec * vec).sum(axis=1))
+    dist = _exact_lengths(positions, cell, i, j, s, periodic=bool(pbc.any()))
     inside = dist < cutoff
     if inside.all():
         return positions, cell, i, j, s, dist
     return positions, cell, i[inside], j[inside], s[inside], dist[inside]
+
+
+def _exact_lengths(positions, cell, i, j, shifts, periodic: bool = True) -> np.ndarray:
+    """Edge lengths, computed the one way every path of this module (and AtomsBatch.edge_vectors)
+    computes them: (x_j - x_i) + S @ cell, so images that are mathematically equidistant get
+    bit-identical distances and the (j, shift) tie-break applies. Without periodic axes every shift is
+    zero and adding it changes no bit, so it is skipped. sqrt(sum of squares) is what
+    np.linalg.norm(axis=1) computes, without its overhead."""
+    vec = positions[j] - positions[i]
+    if periodic:
+        vec += shifts @ cell
+    return np.sqrt((vec * vec).sum(axis=1))
 
 
 def radius_graph(
@@ -248,6 +268,9 @@ class ShortestEdge(NamedTuple):
     shift: tuple[int, int, int]
 
 
+NO_EDGE = ShortestEdge(float("inf"), -1, -1, (0, 0, 0))  # the shortest edge of a graph without edges
+
+
 def shortest_distance(positions: np.ndarray, cell: np.ndarray, graph: Graph) -> ShortestEdge:
     """The shortest interatomic distance over all edges of ``graph`` (periodic images included).
 
@@ -258,10 +281,10 @@ def shortest_distance(positions: np.ndarray, cell: np.ndarray, graph: Graph) -> 
     graph's cutoff are not seen. No edges: ``distance`` is ``inf`` and ``i = j = -1``.
     """
     if graph.num_edges == 0:
-        return ShortestEdge(float("inf"), -1, -1, (0, 0, 0))
+        return NO_EDGE
     positions = np.asarray(positions, dtype=np.float64)
     cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
-    dist = np.linalg.norm((positions[graph.j] - positions[graph.i]) + graph.shifts @ cell, axis=1)
+    dist = _exact_lengths(positions, cell, graph.i, graph.j, graph.shifts)
     k = int(np.argmin(dist))
     shift = tuple(int(x) for x in graph.shifts[k])
     return ShortestEdge(float(dist[k]), int(graph.i[k]), int(graph.j[k]), shift)
@@ -291,23 +314,17 @@ def neighbor_summary(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, c
     :func:`_dense_summary` (exactly the same numbers), larger ones (or all, with ``dense=False``) from
     ``backend``'s pairs.
     """
-    if backend not in _PAIRS:
-        raise ValueError(f"unknown neighbour-list backend {backend!r}; choose one of {BACKENDS}")
-    none = ShortestEdge(float("inf"), -1, -1, (0, 0, 0))
-    positions = np.ascontiguousarray(positions, dtype=np.float64)
-    cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
-    pbc = np.asarray(pbc, dtype=bool).reshape(3)
+    positions, cell, pbc = _inputs(positions, cell, pbc, backend)
+    cutoff = float(cutoff)
     if len(positions) == 0 or (max_neighbors is not None and max_neighbors < 1):
-        return NeighborSummary(0, none)
-    if pbc.any():
-        _check_pair_count(positions, _box_for_library(cell, pbc, positions, float(cutoff)), pbc, float(cutoff))
-    shifts = _image_shifts(positions, cell, pbc, float(cutoff))
-    if dense and shifts is not None and len(positions) ** 2 * (len(shifts) + 1) // 2 <= DENSE_SUMMARY_LIMIT:
-        return _dense_summary(positions, cell, shifts, float(cutoff), max_neighbors)
-    pairs = _candidate_pairs(positions, cell, pbc, cutoff, backend)
-    positions, _, i, j, s, dist = pairs
+        return NeighborSummary(0, NO_EDGE)
+    box = _guarded_box(positions, cell, pbc, cutoff)  # before any shift is counted: a degenerate cell has millions
+    reach = _image_reach(positions, cell, pbc, cutoff)
+    if dense and reach is not None and len(positions) ** 2 * (_shift_count(reach) + 1) // 2 <= DENSE_SUMMARY_LIMIT:
+        return _dense_summary(positions, cell, _half_shifts(reach), cutoff, max_neighbors)
+    _, _, i, j, s, dist = _pairs_within(positions, cell, pbc, cutoff, backend, box)
     if len(i) == 0:
-        return NeighborSummary(0, none)
+        return NeighborSummary(0, NO_EDGE)
     degree = np.bincount(i, minlength=len(positions))
     count = int(np.minimum(degree, max_neighbors).sum()) if max_neighbors is not None else len(i)
     return NeighborSummary(count, _first_shortest(dist, i, j, s))
@@ -320,44 +337,51 @@ def _first_shortest(dist, i, j, s) -> ShortestEdge:
     return ShortestEdge(float(dist[k]), int(i[k]), int(j[k]), tuple(int(x) for x in s[k]))
 
 
-def _image_shifts(positions, cell, pbc, cutoff: float) -> np.ndarray | None:
-    """Every image shift that can hold a pair closer than ``cutoff``; None for a singular periodic cell.
+def _image_reach(positions, cell, pbc, cutoff: float) -> tuple[int, int, int] | None:
+    """The largest |S_a| of an image shift that can hold a pair closer than ``cutoff``, per axis; None
+    for a singular periodic cell.
 
     A pair (i, j, S) is at least |f_j - f_i + S_a| * h_a apart along periodic axis a (f: fractional
     coordinates, h_a: the spacing of the lattice planes normal to it), so |S_a| <= cutoff / h_a + the
     atoms' fractional extent along a.
     """
     if not pbc.any():
-        return np.zeros((1, 3), dtype=np.int64)
+        return (0, 0, 0)
     if abs(np.linalg.det(cell)) < 1e-10:
         return None
     inverse = np.linalg.inv(cell)
     spacing = 1.0 / np.linalg.norm(inverse, axis=0)
     frac = positions @ inverse
-    reach = np.where(pbc, np.floor(cutoff / spacing + np.ptp(frac, axis=0) + 1e-9), 0).astype(np.int64)
-    return _shift_grid(tuple(int(r) for r in reach))
+    reach = np.where(pbc, np.floor(cutoff / spacing + np.ptp(frac, axis=0) + 1e-9), 0)
+    return tuple(int(r) for r in reach)
+
+
+def _shift_count(reach: tuple[int, int, int]) -> int:
+    return (2 * reach[0] + 1) * (2 * reach[1] + 1) * (2 * reach[2] + 1)
 
 
 @functools.lru_cache(maxsize=256)
-def _shift_grid(reach: tuple[int, int, int]) -> np.ndarray:
-    """All integer shifts with |S_a| <= reach[a] (read-only: shared between calls)."""
+def _half_shifts(reach: tuple[int, int, int]) -> np.ndarray:
+    """The shifts with |S_a| <= reach[a] that are lexicographically positive: one of each pair S, -S,
+    without 0 (read-only: shared between calls)."""
     axes = [np.arange(-r, r + 1) for r in reach]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-    grid.flags.writeable = False
-    return grid
+    positive = (grid[:, 0] > 0) | ((grid[:, 0] == 0) & ((grid[:, 1] > 0) | ((grid[:, 1] == 0) & (grid[:, 2] > 0))))
+    half = grid[positive]
+    half.flags.writeable = False
+    return half
 
 
-def _dense_summary(positions, cell, shifts, cutoff: float, max_neighbors: int | None) -> NeighborSummary:
+def _dense_summary(positions, cell, half, cutoff: float, max_neighbors: int | None) -> NeighborSummary:
     """Count and shortest edge from the distances of every atom to every atom and to every image atom
-    that can be within ``cutoff`` of the structure's bounding box, for half the shifts: pair (i, j, S)
+    that can be within ``cutoff`` of the structure's bounding box, for the ``half`` shifts
+    (:func:`_half_shifts`): pair (i, j, S)
     has the length of (j, i, -S), bit for bit, so it counts for both centres.
 
     Squared distances minus cutoff^2 come from one matrix product; the few within rounding of the
-    cutoff (or of the minimum) are recomputed exactly as :func:`_candidate_pairs` does, so the result
+    cutoff (or of the minimum) are recomputed by :func:`_exact_lengths`, as every other path, so the result
     is identical to counting the backend's pairs."""
     n = len(positions)
-    positive = (shifts[:, 0] > 0) | ((shifts[:, 0] == 0) & ((shifts[:, 1] > 0) | ((shifts[:, 1] == 0) & (shifts[:, 2] > 0))))
-    half = shifts[positive]
     others_pos = positions  # zero shift first: columns 0..n-1 are the atoms themselves
     image_s = image_j = np.zeros(0, dtype=np.int64)
     if len(half):
@@ -389,7 +413,7 @@ def _dense_summary(positions, cell, shifts, cutoff: float, max_neighbors: int | 
         degree += np.bincount(image_j, weights=np.count_nonzero(inside[:, n:], axis=0), minlength=n).astype(np.int64)
     total = int(degree.sum())
     if total == 0:
-        return NeighborSummary(0, ShortestEdge(float("inf"), -1, -1, (0, 0, 0)))
+        return NeighborSummary(0, NO_EDGE)
     count = int(np.minimum(degree, max_neighbors).sum()) if max_neighbors is not None else total
     # the shortest edge: candidates within rounding of the smallest excess, in both directions, exactly
     i, c = np.nonzero(excess <= excess.min() + 2 * tol)
@@ -398,10 +422,3 @@ def _dense_summary(positions, cell, shifts, cutoff: float, max_neighbors: int | 
     dist = _exact_lengths(positions, cell, i, j, sh)
     keep = dist < cutoff
     return NeighborSummary(count, _first_shortest(dist[keep], i[keep], j[keep], sh[keep]))
-
-
-def _exact_lengths(positions, cell, i, j, shifts) -> np.ndarray:
-    """Edge lengths in _candidate_pairs' operation order (the bits every other path sees)."""
-    vec = positions[j] - positions[i]
-    vec += shifts @ cell
-    return np.sqrt((vec * vec).sum(axis=1))

@@ -1,8 +1,9 @@
 """Exponential moving average of the trainable weights (``optim.ema_decay``).
 
 ``ema = decay * ema + (1 - decay) * w`` (computed as ``ema + (1 - decay) * (w - ema)``) after every
-optimiser step that changed the weights, starting from the weights at step 0 (no warm-up correction). The average is kept in fp32 on every
-rank (all ranks hold the same weights under ZeRO 0-2, so no communication is needed), written by
+optimiser step that changed the weights, starting from the weights at step 0 (no warm-up
+correction). The average is kept in fp32 on every rank (all ranks hold the same weights under
+ZeRO 0-2, so no communication is needed), written by
 rank 0 into each checkpoint as ``ema.safetensors`` and loaded back on resume; at the end it is the
 exported ``model.safetensors`` and it is what evaluation during training measures.
 """
