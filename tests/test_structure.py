@@ -54,6 +54,21 @@ def test_problems_found():
     assert any("cell vector is zero" in p for p in _example(cell=np.zeros((3, 3))).problems())
 
 
+def test_every_problem_is_named_in_order_and_huge_finite_values_are_not_one():
+    bad = _example(numbers=[0, 79, 200], positions=np.array([[0, 0, np.inf], [1, 1, 1], [2, 2, 2.0]]),
+                   cell=np.diag([np.nan, 0.0, 4.0]), pbc=[True, True, True], energy=float("nan"),
+                   forces=np.full((3, 3), -np.inf), stress=np.array([np.nan, 0, 0, 0, 0, 0]))
+    assert bad.problems() == ["non-finite positions", "non-finite cell", "atomic numbers outside 1..118",
+                              "non-finite energy", "non-finite forces", "non-finite stress",
+                              "periodic along axis 1 but the cell vector is zero"]
+    # sums of these overflow to inf; every value is finite, so nothing is wrong
+    huge = _example(positions=np.full((3, 3), 1e308), forces=np.full((3, 3), -1e308), energy=1e308)
+    assert huge.problems() == []
+    assert _example(cell=np.array([[4.0, 0, 0], [0, 4.0, 0], [4.0, 4.0, 0]]), pbc=[True] * 3).problems() == [
+        "periodic cell with zero volume"]
+    assert Structure(numbers=[], positions=np.zeros((0, 3))).problems() == []
+
+
 def test_voigt():
     m = voigt_to_matrix(np.array([1, 2, 3, 4, 5, 6.0]))
     np.testing.assert_array_equal(m, [[1, 6, 5], [6, 2, 4], [5, 4, 3]])
