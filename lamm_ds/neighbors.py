@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from lamm_ds.structure import det3
+
 BACKENDS = ("vesin", "matscipy", "brute")
 _SKIN = 1e-6  # ask the library for a slightly larger sphere, then apply the exact cutoff ourselves
 # A pair costs ~50 bytes on its way through the library and our sort, so 20 M pairs is ~1 GB.
@@ -318,10 +320,13 @@ def neighbor_summary(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, c
     cutoff = float(cutoff)
     if len(positions) == 0 or (max_neighbors is not None and max_neighbors < 1):
         return NeighborSummary(0, NO_EDGE)
-    box = _guarded_box(positions, cell, pbc, cutoff)  # before any shift is counted: a degenerate cell has millions
+    # The reach is a bound computed from the cell alone, so even a degenerate cell costs nothing here; one
+    # the dense count takes has at most 2 * DENSE_SUMMARY_LIMIT pairs, far below MAX_PAIRS, so only the
+    # library's path needs the pair-count guard.
     reach = _image_reach(positions, cell, pbc, cutoff)
     if dense and reach is not None and len(positions) ** 2 * (_shift_count(reach) + 1) // 2 <= DENSE_SUMMARY_LIMIT:
         return _dense_summary(positions, cell, _half_shifts(reach), cutoff, max_neighbors)
+    box = _guarded_box(positions, cell, pbc, cutoff)
     _, _, i, j, s, dist = _pairs_within(positions, cell, pbc, cutoff, backend, box)
     if len(i) == 0:
         return NeighborSummary(0, NO_EDGE)
@@ -333,8 +338,15 @@ def neighbor_summary(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, c
 def _first_shortest(dist, i, j, s) -> ShortestEdge:
     """The shortest of these edges; among exactly equal lengths the first by (centre, neighbour, shift)."""
     at_min = np.flatnonzero(dist == dist.min())
-    k = at_min[np.lexsort((s[at_min, 2], s[at_min, 1], s[at_min, 0], j[at_min], i[at_min]))[0]]
-    return ShortestEdge(float(dist[k]), int(i[k]), int(j[k]), tuple(int(x) for x in s[k]))
+    if len(at_min) > _FEW_TIES:
+        k = at_min[np.lexsort((s[at_min, 2], s[at_min, 1], s[at_min, 0], j[at_min], i[at_min]))[0]]
+        return ShortestEdge(float(dist[k]), int(i[k]), int(j[k]), tuple(int(x) for x in s[k]))
+    # the usual case (an edge and its reverse): Python's tuple order is the same order, and cheaper
+    centre, neighbour, *shift = min(zip(i[at_min].tolist(), j[at_min].tolist(), *s[at_min].T.tolist()))
+    return ShortestEdge(float(dist[at_min[0]]), centre, neighbour, tuple(shift))
+
+
+_FEW_TIES = 32
 
 
 def _image_reach(positions, cell, pbc, cutoff: float) -> tuple[int, int, int] | None:
@@ -347,12 +359,12 @@ def _image_reach(positions, cell, pbc, cutoff: float) -> tuple[int, int, int] | 
     """
     if not pbc.any():
         return (0, 0, 0)
-    if abs(np.linalg.det(cell)) < 1e-10:
+    if abs(det3(cell)) < 1e-10:
         return None
     inverse = np.linalg.inv(cell)
-    spacing = 1.0 / np.linalg.norm(inverse, axis=0)
+    spacing = 1.0 / np.sqrt((inverse * inverse).sum(axis=0))
     frac = positions @ inverse
-    reach = np.where(pbc, np.floor(cutoff / spacing + np.ptp(frac, axis=0) + 1e-9), 0)
+    reach = np.where(pbc, np.floor(cutoff / spacing + (frac.max(axis=0) - frac.min(axis=0)) + 1e-9), 0)
     return tuple(int(r) for r in reach)
 
 
@@ -384,16 +396,17 @@ def _dense_summary(positions, cell, half, cutoff: float, max_neighbors: int | No
     n = len(positions)
     others_pos = positions  # zero shift first: columns 0..n-1 are the atoms themselves
     image_s = image_j = np.zeros(0, dtype=np.int64)
+    sq_x = np.einsum("ij,ij->i", positions, positions)
+    sq_y = sq_x
     if len(half):
         image_pos = (positions[None, :, :] + (half @ cell)[:, None, :]).reshape(-1, 3)  # image s, atom j
-        image_s, image_j = np.divmod(np.arange(len(image_pos)), n)
         # an image atom farther than the cutoff from the atoms' bounding box has no pair with any atom
-        lo, hi = positions.min(0), positions.max(0)
-        gap = np.maximum(lo - image_pos, 0.0) + np.maximum(image_pos - hi, 0.0)
-        near = (gap * gap).sum(1) <= cutoff * cutoff * (1 + 1e-9) + 1e-12
-        image_s, image_j = image_s[near], image_j[near]
-        others_pos = np.concatenate([positions, image_pos[near]])
-    sq_x, sq_y = (positions * positions).sum(1), (others_pos * others_pos).sum(1)
+        gap = image_pos - np.minimum(np.maximum(image_pos, positions.min(0)), positions.max(0))
+        near = np.flatnonzero(np.einsum("ij,ij->i", gap, gap) <= cutoff * cutoff * (1 + 1e-9) + 1e-12)
+        image_s, image_j = np.divmod(near, n)
+        image_pos = image_pos[near]
+        others_pos = np.concatenate([positions, image_pos])
+        sq_y = np.concatenate([sq_x, np.einsum("ij,ij->i", image_pos, image_pos)])
     centres = np.empty((n, 5))
     centres[:, :3], centres[:, 3], centres[:, 4] = positions, 1.0, sq_x - cutoff * cutoff
     others = np.empty((5, len(others_pos)))
@@ -401,23 +414,35 @@ def _dense_summary(positions, cell, half, cutoff: float, max_neighbors: int | No
     excess = centres @ others  # (n, n + images): d^2 - cutoff^2
     excess[np.arange(n), np.arange(n)] = np.inf  # an atom is not its own neighbour (zero shift)
     tol = 1e-9 * max(1.0, float(sq_x.max()) + float(sq_y.max()) + cutoff * cutoff)
-    col_shift = np.concatenate([np.zeros((n, 3), dtype=np.int64), half[image_s]])
     col_atom = np.concatenate([np.arange(n), image_j])
+
+    def col_shift(c):
+        out = np.zeros((len(c), 3), dtype=np.int64)
+        image = c >= n
+        out[image] = half[image_s[c[image] - n]]
+        return out
+
     inside = excess < -tol
     maybe = excess <= tol
     if np.count_nonzero(maybe) != np.count_nonzero(inside):  # rounding could put these on either side
         i, c = np.nonzero(maybe & ~inside)
-        inside[i, c] = _exact_lengths(positions, cell, i, col_atom[c], col_shift[c]) < cutoff
-    degree = np.count_nonzero(inside, axis=1)
-    if len(image_j):
-        degree += np.bincount(image_j, weights=np.count_nonzero(inside[:, n:], axis=0), minlength=n).astype(np.int64)
+        inside[i, c] = _exact_lengths(positions, cell, i, col_atom[c], col_shift(c)) < cutoff
+    # counts as float32 matrix-vector products (exact: far below 2^24), cheaper than boolean reductions
+    ones = np.ones(len(others_pos), dtype=np.float32)
+    counted = inside.astype(np.float32)
+    degree = (counted @ ones).astype(np.int64)
+    if len(image_j):  # the image columns count for their atom too, as the reverse edge (j, i, -S)
+        degree += np.bincount(image_j, weights=ones[:n] @ counted[:, n:], minlength=n).astype(np.int64)
     total = int(degree.sum())
     if total == 0:
         return NeighborSummary(0, NO_EDGE)
     count = int(np.minimum(degree, max_neighbors).sum()) if max_neighbors is not None else total
     # the shortest edge: candidates within rounding of the smallest excess, in both directions, exactly
-    i, c = np.nonzero(excess <= excess.min() + 2 * tol)
-    j, sh = col_atom[c], col_shift[c]
+    row_min = excess.min(axis=1)
+    bound = row_min.min() + 2 * tol
+    rows = np.flatnonzero(row_min <= bound)
+    r, c = np.nonzero(excess[rows] <= bound)
+    i, j, sh = rows[r], col_atom[c], col_shift(c)
     i, j, sh = np.concatenate([i, j]), np.concatenate([j, i]), np.concatenate([sh, -sh])
     dist = _exact_lengths(positions, cell, i, j, sh)
     keep = dist < cutoff
