@@ -68,6 +68,11 @@ FAST_COMMENTS = [
     "   energy=-1.0e+01   Properties=species:S:1:pos:R:3   ",
     f"{LATTICE} Properties=species:S:1:pos:R:3:initial_charges:R:1:some_int:I:3 energy=2 dipole=\"0.1 0.2 0.3\"",
     "Properties=species:S:1:pos:R:3:dipole:R:3:magmoms:R:1 free_energy=-1 energy=-2",  # columns named like results
+    # values that skip a conversion ASE would try (a '.', a word, booleans) and ones that must not
+    'Properties=species:S:1:pos:R:3 energy=-1.5e3 a=nan b=Infinity c=-inf d="1 abc" e=+5 f=1_000 g="TRUE FALSE" '
+    'h=infinite i="2 3.5" j=1e3 k=NaN',
+    # real columns in three runs (pos, then forces + charge, then one after an integer column)
+    "Properties=species:S:1:pos:R:3:tags:I:1:forces:R:3:charge:R:1:some_int:I:2:magmoms:R:1 energy=-3",
 ]
 ASE_COMMENTS = [  # outside the fast subset: ASE parses them (and the result must be ASE's)
     "energy = -3.0 Properties=species:S:1:pos:R:3",

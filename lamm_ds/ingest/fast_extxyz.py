@@ -19,6 +19,7 @@ each rule.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any
@@ -83,14 +84,18 @@ def _value(key: str, text: str) -> Any:
         return text
     parts = _PARTS.findall(text)
     value: Any = text
-    try:
+    if not _never_numeric(parts):
         try:
-            number = np.array(parts, dtype=int)
+            # ASE tries int, then float; no integer parser takes a '.', so those go straight to float
+            try:
+                if any("." in p for p in parts):
+                    raise ValueError
+                number = np.array(parts, dtype=int)
+            except (ValueError, OverflowError):
+                number = np.array(parts, dtype=float)
+            value = number[0] if len(number) == 1 else number
         except (ValueError, OverflowError):
-            number = np.array(parts, dtype=float)
-        value = number[0] if len(number) == 1 else number
-    except (ValueError, OverflowError):
-        pass
+            pass
     if key in _MATRIX_KEYS:
         if not isinstance(value, np.ndarray) or value.shape != (9,):
             raise _Unsupported(key)  # ASE raises here; let it say so
@@ -105,6 +110,16 @@ def _value(key: str, text: str) -> Any:
             if value.dtype.kind not in "ifb":
                 value = decoded
     return value
+
+
+def _never_numeric(parts: list[str]) -> bool:
+    """Parts that neither int nor float conversion can take: saves two raised conversions for a
+    boolean (pbc="T T T") or a word (config_type=bulk). A word is any alphabetic part except the
+    ones float() reads (nan, inf, infinity)."""
+    return any(p.isalpha() and p.lower() not in _FLOAT_WORDS for p in parts)
+
+
+_FLOAT_WORDS = frozenset({"nan", "inf", "infinity"})
 
 
 def comment_info(line: str) -> dict[str, Any]:
@@ -124,10 +139,15 @@ def comment_info(line: str) -> dict[str, Any]:
     return info
 
 
-def _columns(properties: Any) -> tuple[list[tuple[str, str, int, int]], int]:
+def _columns(properties: Any) -> tuple[tuple[tuple[str, str, int, int], ...], int]:
     """``Properties`` as (ASE name, type, first column, count) and the columns per atom line."""
     if not isinstance(properties, str):
         raise _Unsupported("Properties")
+    return _parsed_columns(properties)
+
+
+@functools.lru_cache(maxsize=256)  # a file has one or a few layouts; parsing it per frame is measurable
+def _parsed_columns(properties: str) -> tuple[tuple[tuple[str, str, int, int], ...], int]:
     fields = properties.split(":")
     if len(fields) % 3:
         raise _Unsupported(properties)
@@ -148,7 +168,7 @@ def _columns(properties: Any) -> tuple[list[tuple[str, str, int, int]], int]:
     names = [c[0] for c in columns]
     if "positions" not in names or ("symbols" in names) == ("numbers" in names):
         raise _Unsupported(properties)
-    return columns, ncol
+    return tuple(columns), ncol
 
 
 def _column(rows: list[list[str]], kind: str, first: int, count: int) -> np.ndarray:
@@ -158,6 +178,20 @@ def _column(rows: list[list[str]], kind: str, first: int, count: int) -> np.ndar
     else:  # I: Python's int(), as ASE's converter, stored as ASE's int32 field
         arr = np.array([[int(v) for v in c] for c in cells], dtype=np.int32).reshape(len(rows), count)
     return arr[:, 0] if count == 1 else arr
+
+
+def _real_blocks(columns: list[tuple[str, str, int, int]]) -> list[tuple[int, int]]:
+    """(first, end) of each run of adjacent real columns: one float conversion per run, not per
+    property (positions and forces side by side are one block)."""
+    blocks: list[tuple[int, int]] = []
+    for _, kind, first, count in columns:
+        if kind != "R":
+            continue
+        if blocks and blocks[-1][1] == first:
+            blocks[-1] = (blocks[-1][0], first + count)
+        else:
+            blocks.append((first, first + count))
+    return blocks
 
 
 def _frame(comment: str, atom_lines: list[str]) -> ParsedFrame:
@@ -173,8 +207,14 @@ def _frame(comment: str, atom_lines: list[str]) -> ParsedFrame:
     cell = np.zeros((3, 3)) if lattice is None else np.array(lattice.T, dtype=np.float64)
     columns, ncol = _columns(info.pop("Properties", _DEFAULT_PROPERTIES))
     rows = [line.split() for line in atom_lines]
-    if any(len(r) != ncol for r in rows):
+    if rows and set(map(len, rows)) != {ncol}:
         raise _Unsupported("columns")
+    # each run of real columns converted at once; a property's columns are a view of its block (a
+    # copy, as ASE's, where kept: see below)
+    block_of = {}
+    for start, end in _real_blocks(columns):
+        block = np.array([r[start:end] for r in rows], dtype=np.float64).reshape(len(rows), end - start)
+        block_of.update({first: (block, start) for first in range(start, end)})
     arrays: dict[str, np.ndarray] = {}
     results: dict[str, Any] = {}
     numbers = None
@@ -182,7 +222,12 @@ def _frame(comment: str, atom_lines: list[str]) -> ParsedFrame:
         if name == "symbols":
             numbers = np.array([atomic_numbers[r[first].capitalize()] for r in rows], dtype=int)
             continue
-        value = _column(rows, kind, first, count)
+        if kind == "R":
+            block, start = block_of[first]
+            value = block[:, first - start:first - start + count].copy()
+            value = value[:, 0] if count == 1 else value
+        else:
+            value = _column(rows, kind, first, count)
         if name == "numbers":
             numbers = value.astype(int)
         elif name in _CALC_COLUMNS:
