@@ -170,7 +170,7 @@ def _array(payload: dict, name: str, n: int) -> np.ndarray | None:
         return None
     dtype, trailing = _ARRAY_FIELDS[name]
     arr = np.frombuffer(raw, dtype=dtype)
-    expected = n * int(np.prod(trailing, dtype=np.int64))
+    expected = n * math.prod(trailing)
     if arr.size != expected:
         raise RecordError(f"field {name!r} has {arr.size} values, expected {expected}")
     return arr.reshape((n, *trailing)).copy()
