@@ -209,8 +209,8 @@ def _frame(comment: str, atom_lines: list[str]) -> ParsedFrame:
     rows = [line.split() for line in atom_lines]
     if rows and set(map(len, rows)) != {ncol}:
         raise _Unsupported("columns")
-    # each run of real columns converted at once; a property's columns are a view of its block (a
-    # copy, as ASE's, where kept: see below)
+    # one float conversion per run of real columns; each property then copies its own columns out
+    # (contiguous arrays, as ASE's)
     block_of = {}
     for start, end in _real_blocks(columns):
         block = np.array([r[start:end] for r in rows], dtype=np.float64).reshape(len(rows), end - start)
