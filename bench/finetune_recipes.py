@@ -9,19 +9,21 @@ schedule:
 * ``replay_fps``: the same, the 100 chosen by farthest-point sampling in the pre-trained features;
 * ``replay_share_0.1``: random replay with 10% of the draws;
 * ``replay_share_0.05``: 5% of the draws (the default share);
+* ``replay_share_0.025``: 2.5% of the draws;
 * ``replay_w0.5``: 10% of the draws, their loss weighted 0.5 (``finetune.replay_weight``);
 * ``replay_share_0.2_w0.25``: 20% of the draws weighted 0.25;
 * ``replay_added_0.1`` / ``replay_added_0.2``: 10% / 20% of the draws with the batch grown to 9 / 10, so
   a step still sees 8 acac structures on average: replay on top of the target, at 12-25% more compute;
 * ``lr_decay``, ``lr_decay_0.9``: ``finetune.layer_lr_decay=0.7`` / ``0.9``;
-* ``ema``, ``ema_0.95``: ``optim.ema_decay=0.99`` / ``0.95`` (the exported and evaluated model is the EMA copy).
+* ``ema``, ``ema_0.95``: ``optim.ema_decay=0.99`` / ``0.95`` (the exported and evaluated model is the EMA copy);
+* ``replay_share_0.05_ema_0.95``: the default replay with EMA 0.95 (to set against ``ema_0.95``).
 
 Scored on acac ``test_MD_300K.xyz`` (the target, acac head) and on the 100 held-out 3BPA frames
 through the 3bpa head (does fine-tuning wreck what pre-training learnt?). Finished runs are reused.
 The last line is one JSON object (ratios to ``plain`` first), also in
 ``bench/results/finetune_recipes.json``.
 
-    .venv/bin/python bench/finetune_recipes.py [--seeds 0 1 2] [--steps 400]
+    .venv/bin/python bench/finetune_recipes.py [--seeds 0 1 2 3 4] [--steps 400]
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def arms(data: dict[str, Path]) -> dict[str, list[str]]:
         "replay_fps": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.2", "finetune.replay_selection=fps"],
         "replay_share_0.1": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.1"],
         "replay_share_0.05": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.05"],
+        "replay_share_0.025": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.025"],
         "replay_w0.5": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.1", "finetune.replay_weight=0.5"],
         "replay_share_0.2_w0.25": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.2",
                                    "finetune.replay_weight=0.25"],
@@ -58,6 +61,8 @@ def arms(data: dict[str, Path]) -> dict[str, list[str]]:
         "lr_decay_0.9": ["finetune.layer_lr_decay=0.9"],
         "ema": ["optim.ema_decay=0.99"],
         "ema_0.95": ["optim.ema_decay=0.95"],
+        "replay_share_0.05_ema_0.95": ["--replay", f"{data['3bpa']}:100", "finetune.replay_share=0.05",
+                                       "optim.ema_decay=0.95"],
     }
 
 
@@ -85,7 +90,7 @@ def prepare_data(work: Path, size: int) -> dict[str, Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--pretrain-steps", type=int, default=1500)
     ap.add_argument("--size", type=int, default=50, help="acac training structures")
