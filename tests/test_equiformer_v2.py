@@ -384,8 +384,12 @@ def _parity_structures(demo_data):
     return out + periodic
 
 
-@pytest.mark.parametrize("layout", ["hydra", "monolithic"])
+@pytest.mark.parametrize("layout", ["hydra", "monolithic", "monolithic_energy_only"])
 def test_fairchem_parity_after_conversion(layout, demo_data, tmp_path):
+    """``monolithic_energy_only``: an IS2RE-style checkpoint (``regress_forces: false``, no force
+    block): the energies match fairchem's, the forces are the converted model's -dE/dx."""
+    energy_only = layout == "monolithic_energy_only"
+    layout = "monolithic" if energy_only else layout
     Backbone, ScalarHead, VectorHead, GraphData = _import_fairchem()
     from lamm_ds.cli import main as cli_main
     from lamm_ds.engine.export import load_model
@@ -431,9 +435,10 @@ def test_fairchem_parity_after_conversion(layout, demo_data, tmp_path):
         else:   # 2023 checkpoints: monolithic EquiformerV2 keys, model_attributes, linear refs in the model
             state = {**{f"module.{k}": v for k, v in bb.state_dict().items()},
                      **{f"module.{k}": v for k, v in eh.state_dict().items()},
-                     **{f"module.{k}": v for k, v in fh.state_dict().items()}}
+                     **({} if energy_only else {f"module.{k}": v for k, v in fh.state_dict().items()})}
             config = {"model": "equiformer_v2", "model_attributes": {**FAIRCHEM_TINY, "use_energy_lin_ref": True,
-                                                                     "load_energy_lin_ref": True}}
+                                                                     "load_energy_lin_ref": True,
+                                                                     **({"regress_forces": False} if energy_only else {})}}
             lin = bb.energy_lin_ref.detach()
         ckpt = {"state_dict": state, "config": config,
                 "normalizers": {"energy": {"mean": torch.tensor(e_mean), "rmsd": torch.tensor(e_std)},
@@ -457,6 +462,13 @@ def test_fairchem_parity_after_conversion(layout, demo_data, tmp_path):
         torch.manual_seed(123)
         out = model(b.replace(dataset_id=torch.zeros_like(b.dataset_id)))
     e_rel = ((out["energy"] - e_fc).abs() / e_fc.abs()).max().item()
+    if energy_only:
+        assert e_rel < 1e-5, e_rel
+        assert model.cfg.forces == "conservative"
+        # -dE/dx of a translation-invariant energy: each structure's forces sum to zero
+        net = torch.zeros(b.num_graphs, 3, dtype=out["forces"].dtype).index_add(0, b.batch, out["forces"])
+        assert net.abs().max().item() < 1e-4 * out["forces"].abs().max().item()
+        return
     f_rel = rel(out["forces"], f_fc)
     assert e_rel < 1e-5 and f_rel < 1e-5, (e_rel, f_rel)
     # the raw network outputs too (the references dominate the energies above), converted in
@@ -492,6 +504,9 @@ def test_converter_refuses_unsupported_models():
     # fairchem's neighbour-cap option is carried into the model config (and so into the model file)
     assert config_from_fairchem({**small, "enforce_max_neighbors_strictly": False}).max_neighbors_strict is False
     assert config_from_fairchem(small).max_neighbors_strict is True  # fairchem's default: strict
+    # an energy-only (IS2RE) model has no force block: its conversion differentiates the energy
+    assert config_from_fairchem(small).forces == "direct"
+    assert config_from_fairchem({**small, "regress_forces": False}).forces == "conservative"
     # a DeNS checkpoint without its force encoder's bias (the constant every node gets) is refused
     dens = {"model": {"name": "hydra", "backbone": {"model": "equiformer_v2_dens_backbone", **small,
                                                     "use_force_encoding": True},

@@ -150,7 +150,9 @@ def config_from_fairchem(kwargs: dict, energy_reduce: str = "sum", dens: bool = 
         use_grid_mlp=kw["use_grid_mlp"], use_atom_edge_embedding=kw["use_atom_edge_embedding"],
         alpha_drop=kw["alpha_drop"], drop_path_rate=kw["drop_path_rate"],
         avg_degree=kw["avg_degree"] or _AVG_DEGREE, avg_num_nodes=kw["avg_num_nodes"] or _AVG_NUM_NODES,
-        energy_reduce=energy_reduce, weight_init=kw["weight_init"], forces="direct", l0_offset=dens)
+        energy_reduce=energy_reduce, weight_init=kw["weight_init"], l0_offset=dens,
+        # an energy-only model (IS2RE) has no force block: -dE/dx then, as for PaiNN (the command says so)
+        forces="direct" if kw.get("regress_forces", True) else "conservative")
 
 
 def _head_names(heads: dict) -> tuple[str | None, str | None, str | None, list[str]]:
@@ -337,8 +339,12 @@ def convert_checkpoint(ckpt: dict | str | os.PathLike, dataset: str = "fairchem"
     reduce = "sum"
     if energy_head is not None:
         reduce = heads[energy_head].get("reduce", "sum")
-    if not monolithic and (energy_head is None or force_head is None):
+    regress_forces = bool(backbone_kw.get("regress_forces", True))
+    if not monolithic and (energy_head is None or (force_head is None and regress_forces)):
         raise ConversionError(f"hydra model needs an EquiformerV2 energy and force head, has {sorted(heads)}")
+    if not regress_forces:
+        log.warning("convert-fairchem: this EquiformerV2 checkpoint predicts no forces (regress_forces=false, e.g. "
+                    "an IS2RE model); the converted model gives -dE/dx, which the checkpoint itself never predicted")
     if other_heads:
         log.warning("convert-fairchem: heads %s are not converted (lamm-ds has energy, direct forces and a "
                     "rank-2 stress head)", other_heads)
