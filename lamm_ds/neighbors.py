@@ -300,7 +300,7 @@ class NeighborSummary(NamedTuple):
 
 
 # neighbor_summary counts structures itself (all distances to the atoms and to the image atoms near
-# them, half the images by symmetry) instead of asking the library: 1.6-3x faster than vesin's cell
+# them, half the images by symmetry) instead of asking the library: 1.4-15x faster than vesin's cell
 # list for the 20-400-atom structures of training sets (bench/neighbor_lists.py, "summary_*").
 # Beyond this many candidate distances (16 MB of float64) the library's pairs are counted instead.
 DENSE_SUMMARY_LIMIT = 2_000_000
