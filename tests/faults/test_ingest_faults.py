@@ -472,6 +472,21 @@ def test_corrupt_shard_verify(tmp_path, capsys):
     assert f"{shard}: key " in err and "is corrupt" in err
 
 
+def test_a_record_deleted_from_a_shard_is_named_by_verify(tmp_path, capsys):
+    import lmdb
+
+    from lamm_ds.shards.format import record_key
+
+    ds = _small_dataset(tmp_path)
+    shard = ds / SHARD_DIR / "shard-00001.lmdb"
+    env = lmdb.open(str(shard), subdir=False, lock=False)
+    with env.begin(write=True) as txn:
+        assert txn.delete(record_key(3))
+    env.close()
+    assert cli_main(["verify", str(ds)]) == 2
+    assert f"{shard}: key 3 (sample 13) is missing" in capsys.readouterr().err
+
+
 def test_truncated_shard_verify(tmp_path, capsys):
     ds = _small_dataset(tmp_path)
     shard = ds / SHARD_DIR / "shard-00001.lmdb"
