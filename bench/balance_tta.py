@@ -329,7 +329,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.reanalyse:
         replay = Path(args.replay) if args.replay else RESULTS / "balance_replay.json"
-        reanalyse(Path(args.reanalyse), replay, Path(args.out) if args.out else RESULTS / "balance_tta.json")
+        for path, what in ((Path(args.reanalyse), "--reanalyse result"), (replay, "replay result")):
+            if not path.is_file():
+                ap.error(f"{what} {path}: no such file")
+        try:
+            reanalyse(Path(args.reanalyse), replay, Path(args.out) if args.out else RESULTS / "balance_tta.json")
+        except (ValueError, KeyError) as exc:  # not JSON, or not a balance_tta / balance_replay result
+            ap.error(f"{args.reanalyse} with {replay}: not a finished time-to-accuracy result and a replay "
+                     f"result ({type(exc).__name__}: {exc})")
         return 0
     if args.quick:
         args.plan_ranks, args.per_rank, args.steps, args.window_steps, args.eval_every = 4, 2, 4, 2, 2

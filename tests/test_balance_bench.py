@@ -103,7 +103,7 @@ def test_eqv2_preset_overrides_build_the_preset():
         _mixture.resolve_name("oc20")
 
 
-def test_time_to_accuracy_from_stored_curves_and_new_step_times(tmp_path):
+def test_time_to_accuracy_from_stored_curves_and_new_step_times(tmp_path, capsys):
     """--reanalyse: a finished result's curves with another replay's step times, no training."""
     samples = np.array([0.0, 100.0, 200.0, 300.0])
     curves = {"fixed": {"force_mae": [1.0, 0.8, 0.6, 0.5], "energy_mae_per_atom": [1.0, 0.9, 0.8, 0.7]},
@@ -126,3 +126,12 @@ def test_time_to_accuracy_from_stored_curves_and_new_step_times(tmp_path):
     new = balance_tta.reanalyse(tmp_path / "old.json", tmp_path / "replay.json", tmp_path / "new.json")
     assert new["balanced_vs_fixed_time_to_accuracy"] == pytest.approx(4.5) and new["runs"] == {"kept": 1}
     assert json.loads((tmp_path / "new.json").read_text())["reanalysed"]["replay_machine"] == {"cpu": "x"}
+    # bad paths or files are usage errors naming them, not tracebacks
+    for argv, text in ((["--reanalyse", str(tmp_path / "none.json"), "--replay", str(tmp_path / "replay.json")],
+                        "none.json: no such file"),
+                       (["--reanalyse", str(tmp_path / "replay.json"), "--replay", str(tmp_path / "replay.json")],
+                        "not a finished time-to-accuracy result")):
+        with pytest.raises(SystemExit) as exit_info:
+            balance_tta.main(argv + ["--out", str(tmp_path / "x.json")])
+        assert exit_info.value.code == 2
+        assert text in capsys.readouterr().err
