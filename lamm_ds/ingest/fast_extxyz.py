@@ -171,16 +171,14 @@ def _parsed_columns(properties: str) -> tuple[tuple[tuple[str, str, int, int], .
     return tuple(columns), ncol
 
 
-def _column(rows: list[list[str]], kind: str, first: int, count: int) -> np.ndarray:
-    cells = [r[first:first + count] for r in rows]
-    if kind == "R":
-        arr = np.array(cells, dtype=np.float64).reshape(len(rows), count)
-    else:  # I: Python's int(), as ASE's converter, stored as ASE's int32 field
-        arr = np.array([[int(v) for v in c] for c in cells], dtype=np.int32).reshape(len(rows), count)
+def _int_column(rows: list[list[str]], first: int, count: int) -> np.ndarray:
+    """An integer property: Python's int(), as ASE's converter, stored as ASE's int32 field."""
+    arr = np.array([[int(v) for v in r[first:first + count]] for r in rows], dtype=np.int32).reshape(len(rows), count)
     return arr[:, 0] if count == 1 else arr
 
 
-def _real_blocks(columns: list[tuple[str, str, int, int]]) -> list[tuple[int, int]]:
+@functools.lru_cache(maxsize=256)  # per layout, like _parsed_columns
+def _real_blocks(columns: tuple[tuple[str, str, int, int], ...]) -> tuple[tuple[int, int], ...]:
     """(first, end) of each run of adjacent real columns: one float conversion per run, not per
     property (positions and forces side by side are one block)."""
     blocks: list[tuple[int, int]] = []
@@ -191,7 +189,7 @@ def _real_blocks(columns: list[tuple[str, str, int, int]]) -> list[tuple[int, in
             blocks[-1] = (blocks[-1][0], first + count)
         else:
             blocks.append((first, first + count))
-    return blocks
+    return tuple(blocks)
 
 
 def _frame(comment: str, atom_lines: list[str]) -> ParsedFrame:
@@ -227,7 +225,7 @@ def _frame(comment: str, atom_lines: list[str]) -> ParsedFrame:
             value = block[:, first - start:first - start + count].copy()
             value = value[:, 0] if count == 1 else value
         else:
-            value = _column(rows, kind, first, count)
+            value = _int_column(rows, first, count)
         if name == "numbers":
             numbers = value.astype(int)
         elif name in _CALC_COLUMNS:
