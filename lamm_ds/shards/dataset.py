@@ -59,6 +59,18 @@ def _close_env(path: Path) -> None:
         entry[2].close()
 
 
+def _record(txn, path: Path, local: int, index: int) -> bytes:
+    """Record ``local`` of shard ``path`` (sample ``index``) in an open read transaction."""
+    data = txn.get(record_key(local))
+    if data is None:
+        raise DatasetError(f"{path}: key {local} (sample {index}) is missing")
+    return data
+
+
+def _read_failed(path: Path, local: int, index: int, exc: lmdb.Error) -> DatasetError:
+    return DatasetError(f"{path}: key {local} (sample {index}): LMDB read failed: {exc}")
+
+
 class LmdbDataset:
     """Structures of one dataset directory, indexed ``0 .. len-1`` across all its shards.
 
@@ -106,12 +118,9 @@ class LmdbDataset:
         path = self.shard_paths[shard]
         try:
             with self._env(shard).begin(buffers=False) as txn:
-                data = txn.get(record_key(local))
+                return _record(txn, path, local, index)
         except lmdb.Error as exc:
-            raise DatasetError(f"{path}: key {local} (sample {index}): LMDB read failed: {exc}") from exc
-        if data is None:
-            raise DatasetError(f"{path}: key {local} (sample {index}) is missing")
-        return data
+            raise _read_failed(path, local, index, exc) from exc
 
     def __getitem__(self, index: int) -> Structure:
         return self._decoded(self.raw(index), index)
@@ -135,14 +144,12 @@ class LmdbDataset:
                 with self._env(shard).begin(buffers=False) as txn:
                     for local in range(min(self.shard_size, self._len - first)):
                         index = first + local
-                        data = txn.get(record_key(local))
-                        if data is None:
-                            raise DatasetError(f"{path}: key {local} (sample {index}) is missing")
+                        data = _record(txn, path, local, index)
                         self._decoded(data, index)
                         digest.update(struct.pack("<QQ", index, len(data)))
                         digest.update(data)
             except lmdb.Error as exc:
-                raise DatasetError(f"{path}: key {local} (sample {first + local}): LMDB read failed: {exc}") from exc
+                raise _read_failed(path, local, first + local, exc) from exc
         for name in INDEX_ARRAYS:
             digest.update(name.encode() + np.ascontiguousarray(self.index[name]).tobytes())
         if "sha256:" + digest.hexdigest() != self.manifest["checksum"]:
