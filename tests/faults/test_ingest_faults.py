@@ -516,6 +516,34 @@ def test_flipped_checksum_or_index_bytes_verify(tmp_path, capsys):
     assert f"{ds}: checksum mismatch" in capsys.readouterr().err
 
 
+def test_ingest_read_back_catches_a_changed_record_and_writes_nothing(tmp_path, monkeypatch):
+    """Ingest verifies by digest, without decoding: a record that reads back one byte different from
+    what was written (a bad disk, a buggy LMDB) still fails the ingest, and nothing is left."""
+    import lamm_ds.shards.dataset as dataset
+
+    read = dataset._record
+
+    def flipped(txn, path, local, index):
+        data = read(txn, path, local, index)
+        return data[:-1] + bytes([data[-1] ^ 0x01]) if index == 13 else data
+
+    monkeypatch.setattr(dataset, "_record", flipped)
+    f = _xyz(tmp_path / "a.xyz", n=20)
+    with pytest.raises(dataset.DatasetError, match="checksum mismatch"):
+        ingest([f], tmp_path / "ds", IngestOptions(name="t", progress=False, shard_size=10))
+    assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds.*"))
+
+
+def test_verify_without_decode_still_sees_a_flipped_record_byte(tmp_path):
+    ds = _small_dataset(tmp_path)
+    shard = ds / SHARD_DIR / "shard-00001.lmdb"
+    data = bytearray(shard.read_bytes())
+    data[data.find(b"LMR1") + 40] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="checksum mismatch"):
+        LmdbDataset(ds).verify(decode=False)
+
+
 @pytest.mark.slow
 def test_killed_ingest_leaves_no_output_and_rerun_cleans_up(tmp_path, capsys):
     big = tmp_path / "big.xyz"
