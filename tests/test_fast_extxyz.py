@@ -10,6 +10,8 @@ from pathlib import Path
 import ase.io
 import numpy as np
 import pytest
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from lamm_ds.ingest.fast_extxyz import parse_frame
 from lamm_ds.ingest.readers import IngestError, LabelKeys, atoms_to_structure
@@ -181,3 +183,38 @@ def test_a_per_atom_energy_column_is_refused_as_through_ase():
     for record in (_fast_record, _ase_record):
         with pytest.raises(IngestError, match=r"the energy has shape \(3,\), expected a single number"):
             record(comment, lines, LabelKeys())
+
+
+def test_the_written_out_tables_are_the_installed_ases():
+    """The fast parser spells out ASE's extxyz tables (importing them costs each ingest worker
+    ase.io); they must be exactly the installed ASE's."""
+    from ase.calculators.calculator import all_properties
+    from ase.io import extxyz
+
+    from lamm_ds.ingest import fast_extxyz as fast
+
+    assert fast._MATRIX_KEYS == set(extxyz.SPECIAL_3_3_KEYS)
+    assert fast._RAW_KEYS == set(extxyz.UNPROCESSED_KEYS)
+    assert fast._ASE_NAMES == dict(extxyz.REV_PROPERTY_NAME_MAP)
+    assert fast._CALC_COLUMNS == set(all_properties)
+    assert fast._CALC_INFO == set(extxyz.per_config_properties)
+
+
+def test_an_extxyz_ingest_imports_neither_ase_io_nor_scipy(tmp_path):
+    """What an ingest process (and each spawned worker) imports to read plain extxyz frames and count
+    edges: not ase.io nor scipy (via ase.constraints), which took longer to import than all the rest
+    (~0.6 s per process). ASE stays the reference for odd frames, imported when one comes."""
+    import subprocess
+    import sys
+
+    frames = [Atoms("Si2", positions=[[0, 0, 0], [1.4, 1.4, 1.4]], cell=np.eye(3) * 5.43, pbc=True) for _ in range(3)]
+    for k, a in enumerate(frames):
+        a.calc = SinglePointCalculator(a, energy=-10.0 - k, forces=np.zeros((2, 3)))
+    ase.io.write(tmp_path / "si.xyz", frames)
+    code = ("import sys; from lamm_ds.cli import main; "
+            f"assert main(['ingest', {str(tmp_path / 'si.xyz')!r}, '--name', 'si', '--out', "
+            f"{str(tmp_path / 'ds')!r}, '--quiet']) in (0, None); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy' or m.startswith('ase.io')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -25,9 +25,7 @@ import re
 from typing import Any
 
 import numpy as np
-from ase.calculators.calculator import all_properties
 from ase.data import atomic_numbers
-from ase.io.extxyz import REV_PROPERTY_NAME_MAP, SPECIAL_3_3_KEYS, UNPROCESSED_KEYS, per_config_properties
 
 # A comment-line token: KEY, KEY=BARE or KEY="QUOTED", followed by whitespace or the end. Characters that
 # open ASE's delimiters or escapes are not allowed outside a quoted value (such lines go to ASE), nor is an
@@ -37,15 +35,22 @@ _SPACE = re.compile(r"\s*")
 _PARTS = re.compile(r"[^\s,]+")  # how ASE splits a value into numbers / booleans
 _BOOLEANS = {"T": True, "F": False, "true": True, "false": False, "True": True, "False": False,
              "TRUE": True, "FALSE": False}
-# ASE's own tables, so they stay in step with the installed reader: keys whose 9 numbers become 3x3
-# in Fortran (column) order, keys kept as text (compared lower-cased), column names -> ASE names
-_MATRIX_KEYS = frozenset(SPECIAL_3_3_KEYS)
-_RAW_KEYS = frozenset(UNPROCESSED_KEYS)
-_ASE_NAMES = dict(REV_PROPERTY_NAME_MAP)
+# ASE's extxyz vocabulary, written out rather than imported: importing ase.io.extxyz imports every
+# ase.io format (~0.3-0.5 s), which each spawned ingest worker paid before reading a frame.
+# tests/test_fast_extxyz.py checks these equal the installed ASE's tables (ase.io.extxyz,
+# ase.calculators.calculator), so an ASE that changes them fails the tests instead of diverging.
+# Keys whose 9 numbers become 3x3 in Fortran (column) order, keys kept as text (compared
+# lower-cased), column names -> ASE names:
+_MATRIX_KEYS = frozenset({"Lattice", "virial", "stress"})
+_RAW_KEYS = frozenset({"uid"})
+_ASE_NAMES = {"pos": "positions", "Z": "numbers", "charge": "charges", "species": "symbols"}
 # What ASE's reader moves into a SinglePointCalculator: columns named like any calculator property,
-# then the per-structure properties among the comment-line keys (ASE's own lists too)
-_CALC_COLUMNS = frozenset(all_properties)
-_CALC_INFO = frozenset(per_config_properties)
+# then the per-structure properties among the comment-line keys
+_CALC_COLUMNS = frozenset({"energy", "forces", "stress", "stresses", "dipole", "charges", "magmom", "magmoms",
+                           "free_energy", "energies", "dielectric_tensor", "born_effective_charges",
+                           "polarization"})
+_CALC_INFO = frozenset({"energy", "free_energy", "stress", "dipole", "magmom", "polarization",
+                        "dielectric_tensor"})
 _CALC_SCALARS = ("energy", "magmom", "free_energy")  # kept as given; every other result becomes float
 _DEFAULT_PROPERTIES = "species:S:1:pos:R:3"
 

@@ -136,8 +136,6 @@ def _checked_labels(energy, forces, stress, natoms: int, where: str):
 
 def atoms_to_structure(atoms, file: str, index: int, keys: LabelKeys) -> Structure:
     """Convert one ``ase.Atoms`` with its labels; keeps remaining scalar ``info`` entries."""
-    from ase.constraints import FixAtoms
-
     if keys.unlabelled:
         energy = forces = stress = None
     else:
@@ -148,6 +146,8 @@ def atoms_to_structure(atoms, file: str, index: int, keys: LabelKeys) -> Structu
     if stress is not None:
         stress = np.asarray(stress, dtype=np.float64) * EV_PER_A3[keys.stress_unit]
     fixed = None
+    if atoms.constraints:  # imported only then: ase.constraints pulls in scipy (~0.3 s per process)
+        from ase.constraints import FixAtoms
     for constraint in atoms.constraints:
         if isinstance(constraint, FixAtoms):
             fixed = np.zeros(len(atoms), dtype=bool) if fixed is None else fixed
