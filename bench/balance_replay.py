@@ -31,7 +31,11 @@ Strategies: ``fixed`` (DistributedSampler-like: draw d of a step to rank d % R),
 atom-budget packing, batches dealt in turn, no balancing), ``balanced``, ``balanced_cp`` (balanced
 with ``schedule.composition_preserving``) and ``budget``. Windowed strategies plan ``--window-steps``
 steps at a time; measure whole windows (``--steps`` a multiple of it) for unbiased step times, since
-balanced puts the heavy draws of a window into a few of its steps.
+balanced puts the heavy draws of a window into a few of its steps. Where a whole window costs too
+much compute (EquiformerV2 on a CPU), ``--sample-steps k`` measures a stratified random sample of k
+of the ``--steps`` planned steps (one drawn from each of k equal strata, the same steps for every
+strategy): unbiased, noisier; ``predicted_samples_per_s_all_planned`` gives the cost model's figure
+over every planned step beside the sampled one.
 
     .venv/bin/python bench/balance_replay.py --quick                     # smoke test, < 1 minute
     .venv/bin/python bench/balance_replay.py --model painn               # 8/16/64 ranks x 1/2 per rank
@@ -159,19 +163,41 @@ class Batches:
         return out
 
 
-def measure(model, cfg, schedulers: dict, batches: Batches, steps: int, first: int, repeats: int,
+def step_sample(first: int, steps: int, k: int, seed: int) -> list[int]:
+    """The steps to measure: all ``steps`` from ``first`` (k = 0), or a stratified random sample of
+    k of them: one step drawn uniformly from each of k equal consecutive strata. Every step has the
+    same chance of being picked (1 in steps/k), so the sampled mean step time is unbiased, and the
+    strata spread the sample over a window that balanced sorts by cost (heavy steps together)."""
+    if k <= 0 or k >= steps:
+        return list(range(first, first + steps))
+    if steps % k:
+        raise ValueError(f"--sample-steps {k} must divide --steps {steps}")
+    size = steps // k
+    rng = np.random.default_rng(seed)
+    return [first + j * size + int(rng.integers(size)) for j in range(k)]
+
+
+def predicted_all(scheduler, first: int, steps: int, allreduce_s: float, update_s: float) -> float:
+    """Predicted samples/s over every planned step (planning costs no compute): what a step sample's
+    predicted figure is compared with, to see what sampling alone does to the estimate."""
+    plans = [scheduler.plan(s) for s in range(first, first + steps)]
+    step_s = sum(float(p.predicted.max()) + allreduce_s + update_s for p in plans)
+    return sum(len(p.positions) for p in plans) / step_s
+
+
+def measure(model, cfg, schedulers: dict, batches: Batches, step_ids: list[int], repeats: int,
             warmup: int, progress_label: str) -> dict:
     """Per strategy: times (steps, ranks, repeats), predicted (steps, ranks), samples/atoms per step."""
     from lamm_ds.engine.schedule import time_micro_batch
 
     names = list(schedulers)
     R = next(iter(schedulers.values())).ranks
+    steps = len(step_ids)
     res = {s: {"t": np.full((steps, R, repeats), np.nan), "pred": np.zeros((steps, R)), "samples": np.zeros(steps),
                "atoms": np.zeros(steps), "edges": np.zeros(steps), "rank_atoms": np.zeros((steps, R))}
            for s in names}
     t_start = time.perf_counter()
-    for j in range(steps):
-        step = first + j
+    for j, step in enumerate(step_ids):
         plans = {s: schedulers[s].plan(step) for s in names}
         mb = {s: batches.of_step(plans[s]) for s in names}
         if j == 0:
@@ -264,15 +290,19 @@ def run_model(args, model_name: str, mixture, out: Path) -> dict:
                 scheds[label] = StepScheduler(stream, B, R, strategy, cost_model, natoms, nedges,
                                               window_steps=args.window_steps, composition_preserving=cp)
             ar = allreduce_seconds(grad_bytes, R, args.allreduce_gbps, args.allreduce_latency_us)
-            res = measure(model, cfg, scheds, batches, args.steps, args.first_step, args.repeats, args.warmup,
+            step_ids = step_sample(args.first_step, args.steps, args.sample_steps, args.seed)
+            res = measure(model, cfg, scheds, batches, step_ids, args.repeats, args.warmup,
                           f"[{model_name}] R={R} m={m}")
             summ = summarize(res, args.estimator, ar, update_s)
+            for label, v in summ.items():
+                v["predicted_samples_per_s_all_planned"] = predicted_all(scheds[label], args.first_step, args.steps,
+                                                                         ar, update_s)
             pred = np.concatenate([v.pop("_pred").ravel() for v in summ.values()])
             meas = np.concatenate([v.pop("_t").ravel() for v in summ.values()])
             pooled_pred.append(pred)
             pooled_meas.append(meas)
             key = f"r{R}_m{m}"
-            configs[key] = {"ranks": R, "per_rank": m, "batch_size": B, "allreduce_s": ar,
+            configs[key] = {"ranks": R, "per_rank": m, "batch_size": B, "allreduce_s": ar, "measured_steps": step_ids,
                             "measured_vs_predicted": fit_quality(pred, meas), "strategies": summ}
             base = summ.get("fixed")
             line = ", ".join(f"{s} {v['samples_per_s']:.1f}/s"
@@ -285,7 +315,7 @@ def run_model(args, model_name: str, mixture, out: Path) -> dict:
             "measured_vs_predicted": fit_quality(np.concatenate(pooled_pred), np.concatenate(pooled_meas)),
             "configs": configs,
             "setup": {"mixture": mixture.name, "ranks": args.ranks, "per_rank": args.per_rank, "steps": args.steps,
-                      "first_step": args.first_step, "window_steps": args.window_steps, "repeats": args.repeats,
+                      "sample_steps": args.sample_steps, "first_step": args.first_step, "window_steps": args.window_steps, "repeats": args.repeats,
                       "warmup": args.warmup, "estimator": args.estimator, "strategies": args.strategies,
                       "device": args.device, "seed": args.seed, "overrides": args.overrides,
                       "allreduce_model": {"kind": "ring", "gbps": args.allreduce_gbps,
@@ -320,6 +350,10 @@ def ratios(models: dict) -> dict:
                 meas = st["balanced"]["samples_per_s"] / st["fixed"]["samples_per_s"]
                 pred = st["balanced"]["predicted_samples_per_s"] / st["fixed"]["predicted_samples_per_s"]
                 out[f"{pre}predicted_balanced_vs_fixed_throughput_{key}"] = round(pred, 3)
+                if "predicted_samples_per_s_all_planned" in st["balanced"]:  # sampled steps vs all planned
+                    out[f"{pre}predicted_balanced_vs_fixed_throughput_all_planned_{key}"] = round(
+                        st["balanced"]["predicted_samples_per_s_all_planned"]
+                        / st["fixed"]["predicted_samples_per_s_all_planned"], 3)
                 out[f"{pre}measured_vs_predicted_speedup_rel_err_{key}"] = round(abs(meas - pred) / pred, 4)
         for key, c in sec["configs"].items():
             for s, v in c["strategies"].items():
@@ -335,6 +369,8 @@ def main(argv=None) -> int:
     ap.add_argument("--per-rank", type=int, nargs="+", default=[1, 2], help="samples per rank (batch_size = R x m)")
     ap.add_argument("--steps", type=int, default=32, help="steps measured per (R, m, strategy)")
     ap.add_argument("--first-step", type=int, default=0)
+    ap.add_argument("--sample-steps", type=int, default=0,
+                    help="measure a stratified random sample of this many of the --steps planned steps (0: all)")
     ap.add_argument("--window-steps", type=int, default=32, help="schedule.window_steps of the windowed strategies")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=4, help="untimed micro-batches per strategy before measuring")
@@ -359,6 +395,8 @@ def main(argv=None) -> int:
         args.repeats, args.warmup, args.calib_batches, args.calib_repeats = 2, 2, 8, 1
     if any(r < 1 for r in args.ranks) or any(m < 1 for m in args.per_rank) or args.steps < 1 or args.repeats < 1:
         ap.error("--ranks, --per-rank, --steps and --repeats must be >= 1")
+    if args.sample_steps < 0 or (args.sample_steps and args.steps % args.sample_steps):
+        ap.error(f"--sample-steps {args.sample_steps} must divide --steps {args.steps}")
     if args.steps % args.window_steps:
         print(f"note: --steps {args.steps} is not a multiple of --window-steps {args.window_steps}: windowed "
               "strategies are measured on part of a window (unbiased, noisier)", file=sys.stderr)

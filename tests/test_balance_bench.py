@@ -81,6 +81,20 @@ def test_fit_quality_and_strategy_labels():
                                                              "schedule.composition_preserving=true"]
 
 
+def test_step_sample_is_one_uniform_step_per_stratum():
+    assert balance_replay.step_sample(8, 32, 0, 0) == list(range(8, 40))
+    assert balance_replay.step_sample(0, 4, 4, 0) == [0, 1, 2, 3]
+    picks = balance_replay.step_sample(0, 32, 4, 1)
+    assert len(picks) == 4 and [p // 8 for p in picks] == [0, 1, 2, 3]
+    assert picks == balance_replay.step_sample(0, 32, 4, 1)  # seeded
+    counts = np.zeros(32)
+    for seed in range(2000):
+        counts[balance_replay.step_sample(0, 32, 4, seed)] += 1
+    assert counts.min() > 0.6 * counts.mean() and counts.max() < 1.4 * counts.mean()  # every step alike
+    with pytest.raises(ValueError, match="must divide"):
+        balance_replay.step_sample(0, 30, 4, 0)
+
+
 def test_samples_to_reach_interpolates_between_evaluations():
     s = np.array([0.0, 100.0, 200.0, 300.0])
     v = np.array([1.0, 0.6, 0.4, 0.3])
