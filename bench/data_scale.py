@@ -481,7 +481,7 @@ def main() -> None:
     ap.add_argument("--work-dir", default=str(REPO / "runs" / "data_scale"))
     ap.add_argument("--processes", type=int, default=2, help="writers of the synthetic datasets")
     ap.add_argument("--ingest-molecules", type=int, default=30_000)
-    ap.add_argument("--ingest-cells", type=int, default=3_000)
+    ap.add_argument("--ingest-cells", type=int, default=30_000)
     ap.add_argument("--load-samples", type=int, default=5_000)
     ap.add_argument("--loader-steps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3)
