@@ -290,7 +290,7 @@ def run_model(args, model_name: str, mixture, out: Path) -> dict:
                 scheds[label] = StepScheduler(stream, B, R, strategy, cost_model, natoms, nedges,
                                               window_steps=args.window_steps, composition_preserving=cp)
             ar = allreduce_seconds(grad_bytes, R, args.allreduce_gbps, args.allreduce_latency_us)
-            step_ids = step_sample(args.first_step, args.steps, args.sample_steps, args.seed)
+            step_ids = step_sample(args.first_step, args.steps, args.sample_steps, args.sample_seed)
             res = measure(model, cfg, scheds, batches, step_ids, args.repeats, args.warmup,
                           f"[{model_name}] R={R} m={m}")
             summ = summarize(res, args.estimator, ar, update_s)
@@ -315,7 +315,7 @@ def run_model(args, model_name: str, mixture, out: Path) -> dict:
             "measured_vs_predicted": fit_quality(np.concatenate(pooled_pred), np.concatenate(pooled_meas)),
             "configs": configs,
             "setup": {"mixture": mixture.name, "ranks": args.ranks, "per_rank": args.per_rank, "steps": args.steps,
-                      "sample_steps": args.sample_steps, "first_step": args.first_step, "window_steps": args.window_steps, "repeats": args.repeats,
+                      "sample_steps": args.sample_steps, "sample_seed": args.sample_seed, "first_step": args.first_step, "window_steps": args.window_steps, "repeats": args.repeats,
                       "warmup": args.warmup, "estimator": args.estimator, "strategies": args.strategies,
                       "device": args.device, "seed": args.seed, "overrides": args.overrides,
                       "allreduce_model": {"kind": "ring", "gbps": args.allreduce_gbps,
@@ -371,6 +371,7 @@ def main(argv=None) -> int:
     ap.add_argument("--first-step", type=int, default=0)
     ap.add_argument("--sample-steps", type=int, default=0,
                     help="measure a stratified random sample of this many of the --steps planned steps (0: all)")
+    ap.add_argument("--sample-seed", type=int, default=0, help="seed of --sample-steps' draw (the plans stay --seed's)")
     ap.add_argument("--window-steps", type=int, default=32, help="schedule.window_steps of the windowed strategies")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=4, help="untimed micro-batches per strategy before measuring")
