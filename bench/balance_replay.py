@@ -315,7 +315,8 @@ def run_model(args, model_name: str, mixture, out: Path) -> dict:
             "measured_vs_predicted": fit_quality(np.concatenate(pooled_pred), np.concatenate(pooled_meas)),
             "configs": configs,
             "setup": {"mixture": mixture.name, "ranks": args.ranks, "per_rank": args.per_rank, "steps": args.steps,
-                      "sample_steps": args.sample_steps, "sample_seed": args.sample_seed, "first_step": args.first_step, "window_steps": args.window_steps, "repeats": args.repeats,
+                      "sample_steps": args.sample_steps, "sample_seed": args.sample_seed,
+                      "first_step": args.first_step, "window_steps": args.window_steps, "repeats": args.repeats,
                       "warmup": args.warmup, "estimator": args.estimator, "strategies": args.strategies,
                       "device": args.device, "seed": args.seed, "overrides": args.overrides,
                       "allreduce_model": {"kind": "ring", "gbps": args.allreduce_gbps,
@@ -367,7 +368,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mixture", choices=MIXTURES, default="auto", help="see bench/_mixture.py")
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64], help="virtual rank counts (add 256 if time allows)")
     ap.add_argument("--per-rank", type=int, nargs="+", default=[1, 2], help="samples per rank (batch_size = R x m)")
-    ap.add_argument("--steps", type=int, default=32, help="steps measured per (R, m, strategy)")
+    ap.add_argument("--steps", type=int, default=32, help="steps planned, and measured unless --sample-steps, per (R, m, strategy)")
     ap.add_argument("--first-step", type=int, default=0)
     ap.add_argument("--sample-steps", type=int, default=0,
                     help="measure a stratified random sample of this many of the --steps planned steps (0: all)")
