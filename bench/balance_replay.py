@@ -397,8 +397,12 @@ def main(argv=None) -> int:
         args.repeats, args.warmup, args.calib_batches, args.calib_repeats = 2, 2, 8, 1
     if any(r < 1 for r in args.ranks) or any(m < 1 for m in args.per_rank) or args.steps < 1 or args.repeats < 1:
         ap.error("--ranks, --per-rank, --steps and --repeats must be >= 1")
-    if args.sample_steps < 0 or (args.sample_steps and args.steps % args.sample_steps):
-        ap.error(f"--sample-steps {args.sample_steps} must divide --steps {args.steps}")
+    if args.sample_steps < 0:
+        ap.error("--sample-steps must be >= 0")
+    try:  # step_sample's own rule, checked before the model is built
+        step_sample(args.first_step, args.steps, args.sample_steps, args.sample_seed)
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.steps % args.window_steps:
         print(f"note: --steps {args.steps} is not a multiple of --window-steps {args.window_steps}: windowed "
               "strategies are measured on part of a window (unbiased, noisier)", file=sys.stderr)

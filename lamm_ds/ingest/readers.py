@@ -148,10 +148,11 @@ def atoms_to_structure(atoms, file: str, index: int, keys: LabelKeys) -> Structu
     fixed = None
     if atoms.constraints:  # imported only then: ase.constraints pulls in scipy (~0.3 s per process)
         from ase.constraints import FixAtoms
-    for constraint in atoms.constraints:
-        if isinstance(constraint, FixAtoms):
-            fixed = np.zeros(len(atoms), dtype=bool) if fixed is None else fixed
-            fixed[constraint.index] = True
+
+        for constraint in atoms.constraints:
+            if isinstance(constraint, FixAtoms):
+                fixed = np.zeros(len(atoms), dtype=bool) if fixed is None else fixed
+                fixed[constraint.index] = True
     tags = atoms.get_tags()
     consumed = {keys.energy, keys.stress, "energy", "stress"}
     info = {k: v for k, v in atoms.info.items() if k not in consumed}

@@ -540,7 +540,9 @@ def test_verify_without_decode_still_sees_a_flipped_record_byte(tmp_path):
     data = bytearray(shard.read_bytes())
     data[data.find(b"LMR1") + 40] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(Exception, match="checksum mismatch"):
+    from lamm_ds.shards.dataset import DatasetError
+
+    with pytest.raises(DatasetError, match="checksum mismatch"):
         LmdbDataset(ds).verify(decode=False)
 
 
