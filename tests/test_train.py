@@ -1,5 +1,6 @@
 import json
 import os
+import platform
 
 import numpy as np
 import pytest
@@ -78,6 +79,8 @@ def test_training_lowers_the_error_and_exports(demo_data, tmp_path):
     assert json.loads(lines[-1])["step"] == 79
     assert loaded.dataset_names == ["demo_metals", "demo_energy", "demo_molecules"]
     assert os.environ.get("RANK") is None, "an in-process run must leave no rendezvous variables behind"
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":  # keep_host_memory, on by default
+        assert json.loads((tmp_path / "run" / "ranks" / "rank00000.json").read_text())["host_memory"] == "kept"
 
 
 def test_load_model_errors(tmp_path):

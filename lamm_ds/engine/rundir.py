@@ -18,7 +18,7 @@ CONFIG_FILE = "config.yaml"
 DS_CONFIG_FILE = "deepspeed_config.json"
 CHANGES_FILE = "config_changes.jsonl"
 # Keys that change how a run is operated, not what it computes: a resume may change them freely.
-OPERATIONAL_KEYS = ("log_every", "data.num_workers", "checkpoint.every", "checkpoint.keep_last",
+OPERATIONAL_KEYS = ("log_every", "keep_host_memory", "data.num_workers", "checkpoint.every", "checkpoint.keep_last",
                     "faults.collective_timeout_s", "faults.nan_abort_after", "faults.inject_nan_steps")
 
 

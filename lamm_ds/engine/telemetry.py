@@ -18,6 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lamm_ds.engine.config import RunConfig
+from lamm_ds.engine.host_memory import host_memory_mode
 from lamm_ds.engine.step import StepResult
 from lamm_ds.loss import per_dataset_metrics, summarize_per_dataset
 
@@ -47,7 +48,7 @@ _RANK_ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "PYTHON", "DS_", "CUDA_", "NCCL_",
 def rank_environment(rank: int) -> dict:
     """This rank's pid, host, thread count and computing-relevant environment variables."""
     return {"rank": rank, "pid": os.getpid(), "hostname": socket.gethostname(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "host_memory": host_memory_mode(),
             "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_RANK_ENV_PREFIXES)}}
 
 
