@@ -266,7 +266,8 @@ def _cmd_calibrate(args) -> int:
 
     cfg = load_config(args.config or ["configs/demo.yaml"], args.overrides)
     model, report = calibrate(cfg, batches=args.batches, repeats=args.repeats, max_graphs=args.max_graphs,
-                              seed=args.seed, device=args.device, progress=not args.quiet)
+                              seed=args.seed, device=args.device, progress=not args.quiet,
+                              max_atoms=args.max_atoms)
     out = Path(args.out) if args.out else Path(args.run_dir) / COST_FILE
     model.save(out)
     if args.json:
@@ -454,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=40, help="micro-batches of mixed sizes to time")
     p.add_argument("--repeats", type=int, default=3, help="timings per micro-batch (the minimum is kept)")
     p.add_argument("--max-graphs", type=int, default=None, help="largest micro-batch (default 2 x data.batch_size)")
+    p.add_argument("--max-atoms", type=int, default=None,
+                   help="atoms per micro-batch at most (default schedule.max_atoms_per_rank, else no cap)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print the fit report as JSON")

@@ -398,6 +398,31 @@ def test_calibrate_and_plan_report_cli(demo_data, tmp_path, monkeypatch):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_calibrate_caps_micro_batch_atoms(demo_data, monkeypatch):
+    """calibrate --max-atoms (default schedule.max_atoms_per_rank) never times a micro-batch above the
+    cap, except a single structure larger than the cap on its own."""
+    from lamm_ds.engine import schedule
+    from lamm_ds.engine.config import load_config
+
+    timed = []
+
+    def fake_timer(model, batch, loss_cfg):
+        timed.append((batch.num_atoms, batch.num_graphs))
+        return 2e-4 * batch.num_atoms + 1e-3 * batch.num_graphs + 5e-3
+
+    monkeypatch.setattr(schedule, "time_micro_batch", fake_timer)
+    cfg = load_config([REPO / "configs" / "demo.yaml"], [*TINY, f"data.demo_dir={demo_data['demo_metals'].parent}",
+                                                          "schedule.max_atoms_per_rank=60"])
+    _, report = schedule.calibrate(cfg, batches=12, repeats=1, max_graphs=12, seed=3, progress=False)
+    assert all(atoms <= 60 or graphs == 1 for atoms, graphs in timed)
+    assert max(r["graphs"] for r in report["micro_batches"]) > 1
+    _, uncapped = schedule.calibrate(cfg, batches=12, repeats=1, max_graphs=12, seed=3, progress=False,
+                                     max_atoms=10**6)
+    assert max(r["atoms"] for r in uncapped["micro_batches"]) > 60  # the cap did cut something
+    with pytest.raises(ValueError, match="max_atoms"):
+        schedule.calibrate(cfg, batches=12, repeats=1, max_atoms=0, progress=False)
+
+
 def test_two_ranks_balanced_match_one_process_of_the_same_global_batch(demo_data, tmp_path):
     """Uneven per-rank batches (balanced plan for 2 ranks) on 2 processes vs. the same plan run by
     one process (schedule.plan_ranks=2 concatenates both slots): the universal loss's global

@@ -16,6 +16,7 @@ import torch
 
 from lamm_ds.engine.config import RunConfig
 from lamm_ds.engine.hardware import cpu_model
+from lamm_ds.engine.host_memory import host_memory_mode, keep_freed_host_memory
 from lamm_ds.mixture import MixtureStream
 from lamm_ds.scheduler import Caps, CostModel, StepScheduler, builtin_cost_model, fit_cost_model
 from lamm_ds.scheduler.defaults import DEFAULT_FOR_MODEL
@@ -91,6 +92,8 @@ def _hardware(device: torch.device) -> dict:
     info = {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cpu":
+        info["host_memory"] = host_memory_mode()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -115,10 +118,15 @@ def time_micro_batch(model: torch.nn.Module, batch, loss_cfg) -> float:
 
 
 def calibrate(cfg: RunConfig, batches: int = 40, repeats: int = 3, max_graphs: int | None = None, seed: int = 0,
-              device: str | None = None, progress: bool = True) -> tuple[CostModel, dict]:
+              device: str | None = None, progress: bool = True,
+              max_atoms: int | None = None) -> tuple[CostModel, dict]:
     """Time forward+loss+backward of ``batches`` real micro-batches of mixed sizes drawn from the
     configured data, fit the coefficients against their *stored* atom/edge counts, return the
-    model and a report (fit quality and every micro-batch's measured/predicted seconds)."""
+    model and a report (fit quality and every micro-batch's measured/predicted seconds).
+
+    ``max_atoms`` (default ``schedule.max_atoms_per_rank``) caps a micro-batch's atoms the way the
+    scheduler caps a rank's: draws past the cap are left out (a micro-batch keeps at least one), so
+    calibration never builds a batch larger than training would, nor one that exhausts memory."""
     from lamm_ds.engine.data import open_datasets, run_stream, with_replay
     from lamm_ds.engine.model_init import build_or_init_model
     from lamm_ds.engine.step import prepare_batch
@@ -126,7 +134,12 @@ def calibrate(cfg: RunConfig, batches: int = 40, repeats: int = 3, max_graphs: i
 
     if batches < 8:
         raise ValueError("calibrate: use at least 8 micro-batches (tens are better)")
+    max_atoms = max_atoms if max_atoms is not None else cfg.schedule.max_atoms_per_rank
+    if max_atoms is not None and max_atoms < 1:
+        raise ValueError(f"calibrate: max_atoms must be >= 1, got {max_atoms}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cpu" and cfg.keep_host_memory:  # time the allocator training will run with
+        keep_freed_host_memory()
     cfg = with_replay(cfg)
     datasets = open_datasets(cfg.data.datasets, cfg.data.demo_dir, cfg.seed)
     model = build_or_init_model(cfg, datasets, 0).to(dev).train()
@@ -148,6 +161,10 @@ def calibrate(cfg: RunConfig, batches: int = 40, repeats: int = 3, max_graphs: i
             ks = np.full(n, k, dtype=np.int64)
             idx = rng.choice(len(datasets[k]), size=n, replace=n > len(datasets[k]))
             pos = np.full(n, -1)
+        if max_atoms is not None:
+            sizes = np.array([datasets[k].natoms[i] for k, i in zip(ks, idx)], dtype=np.int64)
+            keep = max(1, int(np.searchsorted(np.cumsum(sizes), max_atoms, side="right")))
+            ks, idx, n = ks[:keep], idx[:keep], keep
         feats = [sum(int(datasets[k].natoms[i]) for k, i in zip(ks, idx)),
                  sum(int(datasets[k].nedges[i]) for k, i in zip(ks, idx)), n]
         samples = [graphs[(int(k), int(i), int(p))] for k, i, p in zip(ks, idx, range(len(ks)))]
@@ -169,7 +186,7 @@ def calibrate(cfg: RunConfig, batches: int = 40, repeats: int = 3, max_graphs: i
     meta = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model_kind": getattr(cfg, "model_kind", "painn"),
             "model": model.cfg.to_dict(),
             "hardware": _hardware(dev), "edge_basis": edge_basis(datasets), "batches": batches,
-            "repeats": repeats, "datasets": [d.name for d in datasets],
+            "repeats": repeats, "max_atoms": max_atoms, "datasets": [d.name for d in datasets],
             "note": "seconds of forward+loss+backward (min over repeats); atoms/edges are the stored counts"}
     model_fit, fit = fit_cost_model(features, seconds, source="lamm-ds calibrate", meta=meta)
     meta["fit"] = {"r2": fit.r2, "max_rel_error": fit.max_rel_error, "mean_rel_error": fit.mean_rel_error,
