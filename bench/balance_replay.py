@@ -87,6 +87,7 @@ def run_config(model: str, mixture, overrides: list[str]):
 
 
 def resolve_cost(args, cfg, model: str, out: Path, device: str, per_rank: list[int]):
+    from lamm_ds.engine.data import open_datasets
     from lamm_ds.engine.schedule import calibrate
     from lamm_ds.scheduler import CostModel, builtin_cost_model
 
@@ -98,8 +99,11 @@ def resolve_cost(args, cfg, model: str, out: Path, device: str, per_rank: list[i
     t0 = time.perf_counter()
     print(f"[{model}] calibrating the cost model: {args.calib_batches} micro-batches x {args.calib_repeats} "
           "repeats ...", file=sys.stderr, flush=True)
+    # calibrate over the micro-batches a rank can get here: up to max(per_rank) of the largest structure
+    largest = max(int(d.natoms.max()) for d in open_datasets(cfg.data.datasets))
     cm, report = calibrate(cfg, batches=args.calib_batches, repeats=args.calib_repeats,
-                           max_graphs=max(4, 3 * max(per_rank)), seed=1, device=device, progress=False)
+                           max_graphs=max(4, 3 * max(per_rank)), seed=1, device=device, progress=False,
+                           max_atoms=largest * max(per_rank))
     path = out.with_name(f"{out.stem}_cost_{model}.json")
     cm.save(path)
     print(f"[{model}] cost model: {report['summary']} ({time.perf_counter() - t0:.0f} s) -> {path}",
@@ -194,7 +198,8 @@ def measure(model, cfg, schedulers: dict, batches: Batches, step_ids: list[int],
     R = next(iter(schedulers.values())).ranks
     steps = len(step_ids)
     res = {s: {"t": np.full((steps, R, repeats), np.nan), "pred": np.zeros((steps, R)), "samples": np.zeros(steps),
-               "atoms": np.zeros(steps), "edges": np.zeros(steps), "rank_atoms": np.zeros((steps, R))}
+               "atoms": np.zeros(steps), "edges": np.zeros(steps), "rank_atoms": np.zeros((steps, R)),
+               "rank_edges": np.zeros((steps, R)), "rank_graphs": np.zeros((steps, R))}
            for s in names}
     t_start = time.perf_counter()
     for j, step in enumerate(step_ids):
@@ -211,6 +216,8 @@ def measure(model, cfg, schedulers: dict, batches: Batches, step_ids: list[int],
             res[s]["atoms"][j] = p.natoms.sum()
             res[s]["edges"][j] = p.nedges.sum()
             res[s]["rank_atoms"][j] = np.bincount(p.rank, p.natoms, R)
+            res[s]["rank_edges"][j] = np.bincount(p.rank, p.nedges, R)
+            res[s]["rank_graphs"][j] = np.bincount(p.rank, minlength=R)
         for rep in range(repeats):
             for s in rotated(names, j + rep):
                 for r, b in enumerate(mb[s]):
@@ -221,7 +228,15 @@ def measure(model, cfg, schedulers: dict, batches: Batches, step_ids: list[int],
     return res
 
 
-def summarize(res: dict, estimator: str, allreduce_s: float, update_s: float) -> dict:
+def rank_records(r: dict, t: np.ndarray) -> dict:
+    """Every rank's micro-batch of every measured step (steps x ranks lists): measured and predicted
+    seconds with the stored counts they were predicted from, to refit or cross-check a cost model."""
+    return {"measured_s": np.round(t, 5).tolist(), "predicted_s": np.round(r["pred"], 5).tolist(),
+            "atoms": r["rank_atoms"].astype(int).tolist(), "edges": r["rank_edges"].astype(int).tolist(),
+            "graphs": r["rank_graphs"].astype(int).tolist()}
+
+
+def summarize(res: dict, estimator: str, allreduce_s: float, update_s: float, keep_ranks: bool = False) -> dict:
     out = {}
     for s, r in res.items():
         t = np.nanmin(r["t"], axis=2) if estimator == "min" else np.nanmedian(r["t"], axis=2)
@@ -243,6 +258,8 @@ def summarize(res: dict, estimator: str, allreduce_s: float, update_s: float) ->
             if r["t"].shape[2] > 1 else None,
             "_t": t, "_pred": r["pred"],
         }
+        if keep_ranks:
+            out[s]["ranks"] = rank_records(r, t)
     return out
 
 
@@ -261,6 +278,7 @@ def run_model(args, model_name: str, mixture, out: Path) -> dict:
     import torch
 
     from lamm_ds.engine.data import open_datasets
+    from lamm_ds.engine.host_memory import host_memory_mode, keep_freed_host_memory
     from lamm_ds.engine.model_init import build_model
     from lamm_ds.graphs import GraphDataset
     from lamm_ds.mixture import MixtureStream
@@ -269,6 +287,8 @@ def run_model(args, model_name: str, mixture, out: Path) -> dict:
     t0 = time.perf_counter()
     device = torch.device(args.device)
     cfg = run_config(model_name, mixture, args.overrides)
+    if device.type == "cpu" and cfg.keep_host_memory:  # the engine's allocator setting (keep_host_memory=false: off)
+        keep_freed_host_memory()
     cost_model, calibration = resolve_cost(args, cfg, model_name, out, args.device, args.per_rank)
     datasets = open_datasets(cfg.data.datasets)
     model = build_model(cfg, datasets).to(device).train()
@@ -293,7 +313,7 @@ def run_model(args, model_name: str, mixture, out: Path) -> dict:
             step_ids = step_sample(args.first_step, args.steps, args.sample_steps, args.sample_seed)
             res = measure(model, cfg, scheds, batches, step_ids, args.repeats, args.warmup,
                           f"[{model_name}] R={R} m={m}")
-            summ = summarize(res, args.estimator, ar, update_s)
+            summ = summarize(res, args.estimator, ar, update_s, args.keep_rank_times)
             for label, v in summ.items():
                 v["predicted_samples_per_s_all_planned"] = predicted_all(scheds[label], args.first_step, args.steps,
                                                                          ar, update_s)
@@ -318,7 +338,8 @@ def run_model(args, model_name: str, mixture, out: Path) -> dict:
                       "sample_steps": args.sample_steps, "sample_seed": args.sample_seed,
                       "first_step": args.first_step, "window_steps": args.window_steps, "repeats": args.repeats,
                       "warmup": args.warmup, "estimator": args.estimator, "strategies": args.strategies,
-                      "device": args.device, "seed": args.seed, "overrides": args.overrides,
+                      "device": args.device, "host_memory": host_memory_mode(), "seed": args.seed,
+                      "overrides": args.overrides,
                       "allreduce_model": {"kind": "ring", "gbps": args.allreduce_gbps,
                                           "latency_us": args.allreduce_latency_us, "grad_bytes_per_param": args.grad_bytes,
                                           "overlap_with_backward": False}},
@@ -385,6 +406,8 @@ def main(argv=None) -> int:
     ap.add_argument("--allreduce-gbps", type=float, default=25.0, help="ring all-reduce bandwidth, GB/s")
     ap.add_argument("--allreduce-latency-us", type=float, default=10.0, help="per ring hop, microseconds")
     ap.add_argument("--grad-bytes", type=float, default=4.0, help="bytes per gradient element (fp32: 4)")
+    ap.add_argument("--keep-rank-times", action="store_true",
+                    help="store every rank's measured/predicted seconds and stored counts per step in the JSON")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     ap.add_argument("--seed", type=int, default=0, help="mixture stream seed")
