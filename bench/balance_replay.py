@@ -199,7 +199,8 @@ def measure(model, cfg, schedulers: dict, batches: Batches, step_ids: list[int],
     steps = len(step_ids)
     res = {s: {"t": np.full((steps, R, repeats), np.nan), "pred": np.zeros((steps, R)), "samples": np.zeros(steps),
                "atoms": np.zeros(steps), "edges": np.zeros(steps), "rank_atoms": np.zeros((steps, R)),
-               "rank_edges": np.zeros((steps, R)), "rank_graphs": np.zeros((steps, R))}
+               "rank_edges": np.zeros((steps, R)), "rank_graphs": np.zeros((steps, R)),
+               "rank_model_edges": np.zeros((steps, R))}
            for s in names}
     t_start = time.perf_counter()
     for j, step in enumerate(step_ids):
@@ -218,6 +219,7 @@ def measure(model, cfg, schedulers: dict, batches: Batches, step_ids: list[int],
             res[s]["rank_atoms"][j] = np.bincount(p.rank, p.natoms, R)
             res[s]["rank_edges"][j] = np.bincount(p.rank, p.nedges, R)
             res[s]["rank_graphs"][j] = np.bincount(p.rank, minlength=R)
+            res[s]["rank_model_edges"][j] = [int(b.num_edges) for b in mb[s]]
         for rep in range(repeats):
             for s in rotated(names, j + rep):
                 for r, b in enumerate(mb[s]):
@@ -230,10 +232,11 @@ def measure(model, cfg, schedulers: dict, batches: Batches, step_ids: list[int],
 
 def rank_records(r: dict, t: np.ndarray) -> dict:
     """Every rank's micro-batch of every measured step (steps x ranks lists): measured and predicted
-    seconds with the stored counts they were predicted from, to refit or cross-check a cost model."""
+    seconds with the stored counts they were predicted from (and the edges the model really saw), to
+    refit or cross-check a cost model."""
     return {"measured_s": np.round(t, 5).tolist(), "predicted_s": np.round(r["pred"], 5).tolist(),
             "atoms": r["rank_atoms"].astype(int).tolist(), "edges": r["rank_edges"].astype(int).tolist(),
-            "graphs": r["rank_graphs"].astype(int).tolist()}
+            "graphs": r["rank_graphs"].astype(int).tolist(), "model_edges": r["rank_model_edges"].astype(int).tolist()}
 
 
 def summarize(res: dict, estimator: str, allreduce_s: float, update_s: float, keep_ranks: bool = False) -> dict:

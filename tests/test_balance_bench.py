@@ -85,12 +85,12 @@ def test_summary_keeps_every_rank_only_when_asked():
     t = np.array([[[1.0, 1.2], [3.0, 2.9]]])  # 1 step, 2 ranks, 2 repeats
     r = {"t": t, "pred": np.array([[1.1, 3.3]]), "samples": np.array([5.0]), "atoms": np.array([40.0]),
          "edges": np.array([300.0]), "rank_atoms": np.array([[10.0, 30.0]]), "rank_edges": np.array([[100.0, 200.0]]),
-         "rank_graphs": np.array([[4.0, 1.0]])}
+         "rank_graphs": np.array([[4.0, 1.0]]), "rank_model_edges": np.array([[80.0, 150.0]])}
     plain = balance_replay.summarize({"fixed": r}, "min", 0.0, 0.0)["fixed"]
     assert "ranks" not in plain and plain["imbalance_measured"] == pytest.approx(2.9 / 1.95)
     kept = balance_replay.summarize({"fixed": r}, "min", 0.0, 0.0, keep_ranks=True)["fixed"]["ranks"]
     assert kept == {"measured_s": [[1.0, 2.9]], "predicted_s": [[1.1, 3.3]], "atoms": [[10, 30]],
-                    "edges": [[100, 200]], "graphs": [[4, 1]]}
+                    "edges": [[100, 200]], "graphs": [[4, 1]], "model_edges": [[80, 150]]}
     json.dumps(kept)  # plain lists, for the result JSON
 
 
