@@ -13,6 +13,8 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 # the minor page faults of the last cycles, before and after keep_freed_host_memory
 PROBE = """
 import json, resource, torch
+from lamm_ds.engine.host_memory import host_memory_mode, keep_freed_host_memory
+
 def faults():
     for _ in range(2):
         torch.ones(16 * 2**20).sum()
