@@ -86,8 +86,7 @@ def run_config(model: str, mixture, overrides: list[str]):
         return load_config([CONFIG, overlay], [*model_overrides(model), "data.stats_samples=500", *overrides])
 
 
-def resolve_cost(args, cfg, model: str, out: Path, device: str, per_rank: list[int]):
-    from lamm_ds.engine.data import open_datasets
+def resolve_cost(args, cfg, model: str, out: Path, device: str, max_graphs: int, max_atoms: int):
     from lamm_ds.engine.schedule import calibrate
     from lamm_ds.scheduler import CostModel, builtin_cost_model
 
@@ -99,11 +98,8 @@ def resolve_cost(args, cfg, model: str, out: Path, device: str, per_rank: list[i
     t0 = time.perf_counter()
     print(f"[{model}] calibrating the cost model: {args.calib_batches} micro-batches x {args.calib_repeats} "
           "repeats ...", file=sys.stderr, flush=True)
-    # calibrate over the micro-batches a rank can get here: up to max(per_rank) of the largest structure
-    largest = max(int(d.natoms.max()) for d in open_datasets(cfg.data.datasets))
     cm, report = calibrate(cfg, batches=args.calib_batches, repeats=args.calib_repeats,
-                           max_graphs=max(4, 3 * max(per_rank)), seed=1, device=device, progress=False,
-                           max_atoms=largest * max(per_rank))
+                           max_graphs=max_graphs, seed=1, device=device, progress=False, max_atoms=max_atoms)
     path = out.with_name(f"{out.stem}_cost_{model}.json")
     cm.save(path)
     print(f"[{model}] cost model: {report['summary']} ({time.perf_counter() - t0:.0f} s) -> {path}",
@@ -281,7 +277,7 @@ def run_model(args, model_name: str, mixture, out: Path) -> dict:
     import torch
 
     from lamm_ds.engine.data import open_datasets
-    from lamm_ds.engine.host_memory import host_memory_mode, keep_freed_host_memory
+    from lamm_ds.engine.host_memory import apply_keep_host_memory, host_memory_mode
     from lamm_ds.engine.model_init import build_model
     from lamm_ds.graphs import GraphDataset
     from lamm_ds.mixture import MixtureStream
@@ -290,10 +286,12 @@ def run_model(args, model_name: str, mixture, out: Path) -> dict:
     t0 = time.perf_counter()
     device = torch.device(args.device)
     cfg = run_config(model_name, mixture, args.overrides)
-    if device.type == "cpu" and cfg.keep_host_memory:  # the engine's allocator setting (keep_host_memory=false: off)
-        keep_freed_host_memory()
-    cost_model, calibration = resolve_cost(args, cfg, model_name, out, args.device, args.per_rank)
+    apply_keep_host_memory(device, cfg.keep_host_memory)  # the engine's allocator setting (keep_host_memory=false: off)
     datasets = open_datasets(cfg.data.datasets)
+    # calibrate over the micro-batches a rank can get here: up to max(per_rank) of the largest structure
+    largest = max(int(d.natoms.max()) for d in datasets)
+    cost_model, calibration = resolve_cost(args, cfg, model_name, out, args.device, max(4, 3 * max(args.per_rank)),
+                                           largest * max(args.per_rank))
     model = build_model(cfg, datasets).to(device).train()
     ds_ids = torch.tensor([model.dataset_index(d.name) for d in datasets])
     graphs = GraphDataset(datasets, model.cfg.cutoff, model.cfg.max_neighbors)

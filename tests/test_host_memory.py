@@ -1,13 +1,14 @@
 """keep_freed_host_memory: freed host memory is reused, not page-faulted in anew on every allocation."""
 
 import json
-import platform
 import subprocess
 import sys
 
 import pytest
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+from lamm_ds.engine.host_memory import is_glibc
+
+GLIBC = is_glibc()
 
 # allocate, touch and free a 64 MiB tensor (above glibc's largest mmap threshold) a few times and count
 # the minor page faults of the last cycles, before and after keep_freed_host_memory

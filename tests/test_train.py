@@ -1,6 +1,5 @@
 import json
 import os
-import platform
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from lamm_ds.engine.config import ConfigError, load_config
 from lamm_ds.engine.data import open_datasets, plan_step
 from lamm_ds.engine.evaluate import evaluate
 from lamm_ds.engine.ds_engine import run
+from lamm_ds.engine.host_memory import is_glibc
 from lamm_ds.engine.model_init import build_model
 from lamm_ds.mixture import MixtureStream
 from lamm_ds.shards import LmdbDataset
@@ -79,7 +79,7 @@ def test_training_lowers_the_error_and_exports(demo_data, tmp_path):
     assert json.loads(lines[-1])["step"] == 79
     assert loaded.dataset_names == ["demo_metals", "demo_energy", "demo_molecules"]
     assert os.environ.get("RANK") is None, "an in-process run must leave no rendezvous variables behind"
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":  # keep_host_memory, on by default
+    if is_glibc():  # keep_host_memory, on by default
         assert json.loads((tmp_path / "run" / "ranks" / "rank00000.json").read_text())["host_memory"] == "kept"
 
 

@@ -39,7 +39,7 @@ from lamm_ds.engine.ema import WeightEMA, start_ema
 from lamm_ds.engine.finish import finish_run
 from lamm_ds.engine.guards import (UselessDatasetError, check_datasets_contribute, check_eval_heads,
                                    predicts_stress)
-from lamm_ds.engine.host_memory import keep_freed_host_memory
+from lamm_ds.engine.host_memory import apply_keep_host_memory
 from lamm_ds.engine.launcher_watch import watch_launcher
 from lamm_ds.engine.model_init import build_or_init_model
 from lamm_ds.engine.optim import build_optimizer
@@ -61,8 +61,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = Tr
     restored afterwards, so one process can run several trainings one after another."""
     saved, owned = rendezvous_env(), not dist.is_initialized()
     rank, world, device = setup_distributed(cfg.faults.collective_timeout_s)
-    if device.type == "cpu" and cfg.keep_host_memory:  # before the model's first allocations
-        keep_freed_host_memory()
+    apply_keep_host_memory(device, cfg.keep_host_memory)  # before the model's first allocations
     watch_launcher(rank)
     lock = RunDirLock(run_dir)
     try:

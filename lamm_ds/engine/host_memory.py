@@ -29,6 +29,18 @@ def host_memory_mode() -> str:
     return "kept" if _kept else "system"
 
 
+def is_glibc() -> bool:
+    """Whether this process's C library is glibc (the only one :func:`keep_freed_host_memory` tunes)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def apply_keep_host_memory(device, keep: bool) -> None:
+    """The ``keep_host_memory`` setting for a process computing on ``device``: CPU devices only (a
+    GPU's own caching allocator already reuses its memory)."""
+    if keep and device.type == "cpu":
+        keep_freed_host_memory()
+
+
 def keep_freed_host_memory() -> bool:
     """Make this process's glibc malloc keep freed memory (no mmap-served blocks, no trimming).
 
@@ -36,7 +48,7 @@ def keep_freed_host_memory() -> bool:
     is then left as it is. Process-wide and for the rest of the process: blocks allocated afterwards
     are served from heap memory that stays mapped and is reused."""
     global _kept
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -16,7 +16,7 @@ import torch
 
 from lamm_ds.engine.config import RunConfig
 from lamm_ds.engine.hardware import cpu_model
-from lamm_ds.engine.host_memory import host_memory_mode, keep_freed_host_memory
+from lamm_ds.engine.host_memory import apply_keep_host_memory, host_memory_mode
 from lamm_ds.mixture import MixtureStream
 from lamm_ds.scheduler import Caps, CostModel, StepScheduler, builtin_cost_model, fit_cost_model
 from lamm_ds.scheduler.defaults import DEFAULT_FOR_MODEL
@@ -138,8 +138,7 @@ def calibrate(cfg: RunConfig, batches: int = 40, repeats: int = 3, max_graphs: i
     if max_atoms is not None and max_atoms < 1:
         raise ValueError(f"calibrate: max_atoms must be >= 1, got {max_atoms}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cpu" and cfg.keep_host_memory:  # time the allocator training will run with
-        keep_freed_host_memory()
+    apply_keep_host_memory(dev, cfg.keep_host_memory)  # time the allocator training will run with
     cfg = with_replay(cfg)
     datasets = open_datasets(cfg.data.datasets, cfg.data.demo_dir, cfg.seed)
     model = build_or_init_model(cfg, datasets, 0).to(dev).train()
@@ -161,12 +160,11 @@ def calibrate(cfg: RunConfig, batches: int = 40, repeats: int = 3, max_graphs: i
             ks = np.full(n, k, dtype=np.int64)
             idx = rng.choice(len(datasets[k]), size=n, replace=n > len(datasets[k]))
             pos = np.full(n, -1)
-        if max_atoms is not None:
-            sizes = np.array([datasets[k].natoms[i] for k, i in zip(ks, idx)], dtype=np.int64)
-            keep = max(1, int(np.searchsorted(np.cumsum(sizes), max_atoms, side="right")))
-            ks, idx, n = ks[:keep], idx[:keep], keep
-        feats = [sum(int(datasets[k].natoms[i]) for k, i in zip(ks, idx)),
-                 sum(int(datasets[k].nedges[i]) for k, i in zip(ks, idx)), n]
+        sizes = np.array([datasets[k].natoms[i] for k, i in zip(ks, idx)], dtype=np.int64)
+        if max_atoms is not None:  # leave out the draws past the cap
+            n = max(1, int(np.searchsorted(np.cumsum(sizes), max_atoms, side="right")))
+            ks, idx, sizes = ks[:n], idx[:n], sizes[:n]
+        feats = [int(sizes.sum()), sum(int(datasets[k].nedges[i]) for k, i in zip(ks, idx)), n]
         samples = [graphs[(int(k), int(i), int(p))] for k, i, p in zip(ks, idx, range(len(ks)))]
         batch = collate(samples)
         batch = prepare_batch(batch.replace(dataset_id=ds_ids[batch.dataset_id]), cfg, 0).to(dev, torch.float32)
