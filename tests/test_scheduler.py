@@ -423,6 +423,16 @@ def test_calibrate_caps_micro_batch_atoms(demo_data, monkeypatch):
         schedule.calibrate(cfg, batches=12, repeats=1, max_atoms=0, progress=False)
 
 
+def test_calibrate_cli_refuses_a_bad_atom_cap(demo_data, tmp_path, capsys):
+    from lamm_ds.cli import main as cli
+
+    out = tmp_path / "cost.json"
+    assert cli(["calibrate", "--out", str(out), "--max-atoms", "0", "--batches", "8", "--quiet", *TINY,
+                f"data.demo_dir={demo_data['demo_metals'].parent}"]) == 2
+    assert "max_atoms must be >= 1, got 0" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing written, not even a temp file
+
+
 def test_two_ranks_balanced_match_one_process_of_the_same_global_batch(demo_data, tmp_path):
     """Uneven per-rank batches (balanced plan for 2 ranks) on 2 processes vs. the same plan run by
     one process (schedule.plan_ranks=2 concatenates both slots): the universal loss's global
